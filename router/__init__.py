@@ -1,0 +1,1 @@
+"""Plexus: an AI orchestration router."""

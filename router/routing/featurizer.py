@@ -1,0 +1,97 @@
+"""The routing featurizer: normalise text, then hash word and character n-grams into ids.
+
+The native module (``router._native.featurizer``) is chosen once at import. Setting
+``PLEXUS_NO_EXTENSIONS=1`` forces the pure-Python reference, which gives identical ids.
+"""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from router.routing.featurizer_ref import ReferenceHashedNgrams
+
+
+class _HashedNgrams(Protocol):
+    def featurize_normalized(self, text: str) -> np.ndarray: ...
+
+
+def _native_class() -> type | None:
+    if os.environ.get("PLEXUS_NO_EXTENSIONS", "") not in ("", "0"):
+        return None
+    try:
+        from router._native.featurizer import HashedNgrams
+    except ImportError:  # pragma: no cover - only when the package was not built
+        return None
+    return HashedNgrams
+
+
+NativeHashedNgrams = _native_class()
+USING_NATIVE = NativeHashedNgrams is not None
+
+
+def normalize(text: str) -> str:
+    """Unicode NFKC, then casefold. Control characters are dropped by the tokenizer."""
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
+@dataclass(frozen=True)
+class FeaturizerParams:
+    """Everything that decides the ids; stored in every model file."""
+
+    buckets_log2: int = 18
+    seed: int = 0
+    char_ngram_min: int = 3
+    char_ngram_max: int = 5
+    word_bigrams: bool = True
+
+    @property
+    def buckets(self) -> int:
+        return 1 << self.buckets_log2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeaturizerParams:
+        return cls(
+            buckets_log2=int(data["buckets_log2"]),
+            seed=int(data["seed"]),
+            char_ngram_min=int(data["char_ngram_min"]),
+            char_ngram_max=int(data["char_ngram_max"]),
+            word_bigrams=bool(data["word_bigrams"]),
+        )
+
+
+class Featurizer:
+    """``featurize(text) -> int64 ids`` in ``[0, buckets)``; ``buckets`` itself is padding."""
+
+    def __init__(self, params: FeaturizerParams | None = None, *, native: bool | None = None):
+        self.params = params or FeaturizerParams()
+        use_native = USING_NATIVE if native is None else native
+        if use_native and NativeHashedNgrams is None:
+            raise RuntimeError("the native featurizer is not built")
+        impl_class = NativeHashedNgrams if use_native else ReferenceHashedNgrams
+        self.native = bool(use_native)
+        self._impl: _HashedNgrams = impl_class(**self.params.to_dict())
+
+    @property
+    def pad_id(self) -> int:
+        return self.params.buckets
+
+    def featurize(self, text: str) -> np.ndarray:
+        return self._impl.featurize_normalized(normalize(text))
+
+    def featurize_batch(self, texts: Sequence[str]) -> np.ndarray:
+        """A ``[len(texts), longest]`` int64 matrix, rows padded with ``pad_id``."""
+        rows = [self.featurize(text) for text in texts]
+        width = max((len(r) for r in rows), default=0) or 1
+        out = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = row
+        return out
