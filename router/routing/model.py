@@ -1,0 +1,250 @@
+"""The routing model contract: an ONNX file that describes itself, and the classifier over it.
+
+Contract (version 1), checked when a file is loaded:
+
+* inputs: ``ids`` int64 ``[batch, length]``, hashed feature ids from the featurizer named in
+  the metadata, right-padded with ``buckets`` (the pad id). Models of the ``accurate`` family
+  also take ``embedding`` float32 ``[batch, dim]`` from the encoder named in the metadata.
+* output: ``probs`` float32 ``[batch, len(labels)]``.
+* ``metadata_props``: ``plexus.contract`` ("1"), ``plexus.family``, ``plexus.labels`` (JSON list),
+  ``plexus.oos_label`` (the label meaning out-of-scope, or ""), ``plexus.featurizer`` (JSON
+  ``FeaturizerParams``), ``plexus.threshold``, ``plexus.metrics`` (JSON), ``plexus.encoder``
+  (JSON, or "" for the fast family), ``plexus.training_data_sha256``, ``plexus.created_at``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from router.routing.featurizer import Featurizer, FeaturizerParams
+
+CONTRACT_VERSION = "1"
+REQUIRED_METADATA = (
+    "plexus.contract",
+    "plexus.family",
+    "plexus.labels",
+    "plexus.oos_label",
+    "plexus.featurizer",
+    "plexus.threshold",
+    "plexus.metrics",
+    "plexus.encoder",
+    "plexus.training_data_sha256",
+    "plexus.created_at",
+)
+
+
+class ModelContractError(ValueError):
+    """The file is not a routing model this server can serve; the message says why."""
+
+
+@dataclass
+class ModelCard:
+    """What a model file says about itself."""
+
+    family: str
+    labels: list[str]
+    oos_label: str
+    featurizer: FeaturizerParams
+    threshold: float
+    metrics: dict[str, float]
+    encoder: dict[str, Any] | None
+    training_data_sha256: str
+    created_at: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, str]:
+        return {
+            "plexus.contract": CONTRACT_VERSION,
+            "plexus.family": self.family,
+            "plexus.labels": json.dumps(self.labels),
+            "plexus.oos_label": self.oos_label,
+            "plexus.featurizer": json.dumps(self.featurizer.to_dict()),
+            "plexus.threshold": repr(float(self.threshold)),
+            "plexus.metrics": json.dumps(self.metrics),
+            "plexus.encoder": json.dumps(self.encoder) if self.encoder else "",
+            "plexus.training_data_sha256": self.training_data_sha256,
+            "plexus.created_at": self.created_at,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], source: str) -> ModelCard:
+        missing = [key for key in REQUIRED_METADATA if key not in meta]
+        if missing:
+            raise ModelContractError(f"{source}: metadata_props lacks {missing}")
+        if meta["plexus.contract"] != CONTRACT_VERSION:
+            raise ModelContractError(
+                f"{source}: plexus.contract is {meta['plexus.contract']!r}, "
+                f"this server reads {CONTRACT_VERSION!r}"
+            )
+        try:
+            labels = json.loads(meta["plexus.labels"])
+            featurizer = FeaturizerParams.from_dict(json.loads(meta["plexus.featurizer"]))
+            threshold = float(meta["plexus.threshold"])
+            metrics = {k: float(v) for k, v in json.loads(meta["plexus.metrics"]).items()}
+            encoder = json.loads(meta["plexus.encoder"]) if meta["plexus.encoder"] else None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelContractError(f"{source}: malformed metadata: {exc}") from None
+        if not isinstance(labels, list) or len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ModelContractError(f"{source}: plexus.labels must list 2+ distinct labels")
+        family = meta["plexus.family"]
+        if family not in ("fast", "accurate"):
+            raise ModelContractError(f"{source}: unknown plexus.family {family!r}")
+        if (family == "accurate") != (encoder is not None):
+            raise ModelContractError(f"{source}: plexus.encoder must be set exactly for 'accurate'")
+        if not 0.0 <= threshold <= 1.0:
+            raise ModelContractError(f"{source}: plexus.threshold {threshold} is not in [0, 1]")
+        oos_label = meta["plexus.oos_label"]
+        if oos_label and oos_label not in labels:
+            raise ModelContractError(f"{source}: plexus.oos_label {oos_label!r} is not a label")
+        extra = {k: v for k, v in meta.items() if k not in REQUIRED_METADATA}
+        return cls(
+            family=family,
+            labels=[str(label) for label in labels],
+            oos_label=oos_label,
+            featurizer=featurizer,
+            threshold=threshold,
+            metrics=metrics,
+            encoder=encoder,
+            training_data_sha256=meta["plexus.training_data_sha256"],
+            created_at=meta["plexus.created_at"],
+            extra=extra,
+        )
+
+
+def build_linear_onnx(
+    sparse_weights: np.ndarray,
+    bias: np.ndarray,
+    card: ModelCard,
+    dense_weights: np.ndarray | None = None,
+) -> bytes:
+    """Serialise a trained head: softmax(sum(W[ids]) / sqrt(n_ids) [+ embedding @ E] + b).
+
+    ``sparse_weights`` is ``[buckets, classes]``; only rows that training touched are stored,
+    behind an int32 remap table, so the file grows with the vocabulary seen, not the buckets.
+    """
+    buckets, classes = sparse_weights.shape
+    used = np.flatnonzero(np.any(sparse_weights != 0, axis=1))
+    remap = np.full(buckets + 1, len(used), dtype=np.int64)  # pad and unseen -> zero row
+    remap[used] = np.arange(len(used), dtype=np.int64)
+    compact = np.zeros((len(used) + 1, classes), dtype=np.float32)
+    compact[: len(used)] = sparse_weights[used]
+    pad_id = buckets
+    inits = [
+        numpy_helper.from_array(remap, "remap"),
+        numpy_helper.from_array(compact, "weights"),
+        numpy_helper.from_array(bias.astype(np.float32).reshape(1, -1), "bias"),
+        numpy_helper.from_array(np.array(pad_id, dtype=np.int64), "pad_id"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+        numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["remap", "ids"], ["rows"], axis=0),
+        helper.make_node("Gather", ["weights", "rows"], ["gathered"], axis=0),
+        helper.make_node("ReduceSum", ["gathered", "axis1"], ["summed"], keepdims=0),
+        helper.make_node("Less", ["ids", "pad_id"], ["real"]),
+        helper.make_node("Cast", ["real"], ["real_f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["real_f", "axis1"], ["count"], keepdims=1),
+        helper.make_node("Max", ["count", "one"], ["count1"]),
+        helper.make_node("Sqrt", ["count1"], ["norm"]),
+        helper.make_node("Div", ["summed", "norm"], ["sparse_logits"]),
+    ]
+    inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "length"])]
+    logits = "sparse_logits"
+    if dense_weights is not None:
+        inputs.append(
+            helper.make_tensor_value_info(
+                "embedding", TensorProto.FLOAT, ["batch", dense_weights.shape[0]]
+            )
+        )
+        inits.append(numpy_helper.from_array(dense_weights.astype(np.float32), "dense_weights"))
+        nodes += [
+            helper.make_node("MatMul", ["embedding", "dense_weights"], ["dense_logits"]),
+            helper.make_node("Add", ["sparse_logits", "dense_logits"], ["all_logits"]),
+        ]
+        logits = "all_logits"
+    nodes += [
+        helper.make_node("Add", [logits, "bias"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "plexus_router",
+        inputs,
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", classes])],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="plexus"
+    )
+    model.ir_version = 8
+    helper.set_model_props(model, card.to_metadata())
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _session(model_bytes: bytes, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+class Classifier:
+    """``predict(ids[, embedding]) -> (probs, version)`` over one loaded routing model."""
+
+    def __init__(self, model_bytes: bytes, version: str, source: str = "<memory>", threads: int = 1):
+        self.version = version
+        self.source = source
+        try:
+            self._session = _session(model_bytes, threads)
+        except Exception as exc:  # onnxruntime raises several unrelated exception types
+            raise ModelContractError(f"{source}: onnxruntime cannot load it: {exc}") from None
+        meta = dict(self._session.get_modelmeta().custom_metadata_map)
+        self.card = ModelCard.from_metadata(meta, source)
+        self._check_signature(source)
+        self.featurizer = Featurizer(self.card.featurizer)
+        self.labels = self.card.labels
+        self.needs_embedding = self.card.encoder is not None
+        self._output = ["probs"]
+
+    def _check_signature(self, source: str) -> None:
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        expected = {"ids": "tensor(int64)"}
+        if self.card.family == "accurate":
+            expected["embedding"] = "tensor(float)"
+        for name, dtype in expected.items():
+            if name not in inputs or inputs[name].type != dtype:
+                raise ModelContractError(f"{source}: needs input {name!r} of type {dtype}")
+        if set(inputs) != set(expected):
+            raise ModelContractError(f"{source}: unexpected inputs {sorted(set(inputs) - set(expected))}")
+        outputs = {o.name: o for o in self._session.get_outputs()}
+        if "probs" not in outputs or outputs["probs"].type != "tensor(float)":
+            raise ModelContractError(f"{source}: needs a float output named 'probs'")
+
+    @classmethod
+    def from_file(cls, path: Path, version: str | None = None, threads: int = 1) -> Classifier:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ModelContractError(f"{path}: cannot read: {exc.strerror}") from None
+        return cls(data, version or path.stem, str(path), threads)
+
+    def predict(
+        self, ids: np.ndarray, embedding: np.ndarray | None = None
+    ) -> tuple[np.ndarray, str]:
+        """Probabilities ``[batch, labels]`` for padded ids ``[batch, length]``."""
+        feeds = {"ids": ids}
+        if self.needs_embedding:
+            feeds["embedding"] = embedding
+        return self._session.run(self._output, feeds)[0], self.version
