@@ -248,3 +248,12 @@ class Classifier:
         if self.needs_embedding:
             feeds["embedding"] = embedding
         return self._session.run(self._output, feeds)[0], self.version
+
+
+def read_card(path: Path) -> ModelCard:
+    """The metadata of a model file, without building an inference session."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ...
+        raise ModelContractError(f"{path}: not an ONNX model: {exc}") from None
+    return ModelCard.from_metadata({p.key: p.value for p in model.metadata_props}, str(path))

@@ -1,0 +1,262 @@
+"""The ``plexus`` command: serve, train, route, models, bench, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from router.config import ConfigError, load_config
+from router.errors import PlexusError
+
+DEMO_CONFIG = Path("examples/retail/plexus.yaml")
+DEMO_KEY = "retail-demo-key"
+
+
+def _say(message: str) -> None:
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
+def _single_tenant(loaded, tenant: str | None) -> str:  # type: ignore[no-untyped-def]
+    if tenant:
+        loaded.tenant(tenant)
+        return tenant
+    names = sorted(loaded.config.tenants)
+    if len(names) != 1:
+        raise ConfigError(f"{loaded.path}: several tenants {names}; choose one with --tenant")
+    return names[0]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from router.routing.tenant_training import train_tenant
+
+    loaded = load_config(args.config)
+    tenants = [args.tenant] if args.tenant else sorted(loaded.config.tenants)
+    for tenant in tenants:
+        print(f"training tenant {tenant!r}", file=sys.stderr)
+        result = train_tenant(loaded, tenant, data=args.data, family=args.family, seed=args.seed,
+                              progress=_say)
+        card = result.trained.card
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in card.metrics.items())
+        print(f"{tenant}: {result.version} ({card.family}) -> {result.path}")
+        print(f"  held-out: {metrics}")
+        print(f"  trained in {result.trained.seconds:.1f} s")
+    return 0
+
+
+def _print_decision(decision) -> None:  # type: ignore[no-untyped-def]
+    print(json.dumps(decision, indent=2, ensure_ascii=False))
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    if args.remote:
+        from google.protobuf.json_format import MessageToDict
+
+        from router.client import PlexusClient
+
+        api_key = args.api_key or os.environ.get("PLEXUS_API_KEY")
+        if not api_key:
+            raise SystemExit("--remote needs --api-key or PLEXUS_API_KEY")
+        with PlexusClient(args.remote, api_key) as client:
+            decision = client.route(args.app, args.text, dict(args.meta or []), args.tier)
+        _print_decision(MessageToDict(decision, preserving_proto_field_name=True))
+        return 0
+    from dataclasses import asdict
+
+    from router.routing.service import Caller, RouteQuery, Router
+
+    if not args.config:
+        raise SystemExit("give CONFIG for an in-process decision, or --remote ADDR")
+    loaded = load_config(args.config)
+    tenant = _single_tenant(loaded, args.tenant)
+    router = Router(loaded)
+    caller = Caller(tenant, "cli", admin=True, apps=None)
+    decision = router.decide(caller, RouteQuery(args.app, args.text, dict(args.meta or []),
+                                                args.tier))
+    _print_decision(asdict(decision))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from router.server.app import PlexusServer
+
+    loaded = load_config(args.config)
+
+    async def run() -> None:
+        server = PlexusServer(loaded, address=args.address)
+        port = await server.start()
+        print(f"plexus serving on {server.address.rpartition(':')[0]}:{port}", flush=True)
+        await server.serve_until_signalled()
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    if args.remote:
+        from google.protobuf.json_format import MessageToDict
+
+        from router.client import PlexusClient
+
+        api_key = args.api_key or os.environ.get("PLEXUS_API_KEY")
+        if not api_key:
+            raise SystemExit("--remote needs --api-key or PLEXUS_API_KEY (an admin key)")
+        with PlexusClient(args.remote, api_key) as client:
+            if args.action == "list":
+                reply = client.list_models()
+            elif args.action == "load":
+                reply = client.load_model(args.version or "", args.force)
+            else:
+                reply = client.rollback()
+        print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+        return 0
+    from dataclasses import asdict
+
+    from router.routing.service import Router
+
+    if not args.config:
+        raise SystemExit("give CONFIG to act on the registry on disk, or --remote ADDR")
+    loaded = load_config(args.config)
+    tenant_name = _single_tenant(loaded, args.tenant)
+    tenant = Router(loaded).tenants[tenant_name]
+    if args.action == "list":
+        for info in tenant.list_models():
+            mark = "*" if info.active else " "
+            metrics = ", ".join(f"{k}={v:.4f}" for k, v in info.metrics.items())
+            print(f"{mark} {info.version}  {info.family:8s} {info.created_at}  {metrics}")
+    elif args.action == "load":
+        print(json.dumps(asdict(tenant.load_version(args.version, args.force)), indent=2))
+    else:
+        raise SystemExit("rollback restores the version a running server served before; use "
+                         "--remote ADDR, or `models load CONFIG VERSION` on disk")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        from bench import run as bench_run
+    except ImportError:
+        raise SystemExit("plexus bench runs from a checkout (it needs bench/)") from None
+    return bench_run.main(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from router.client import PlexusClient
+    from router.routing.tenant_training import train_tenant
+    from router.server.app import PlexusServer
+
+    loaded = load_config(args.config)
+    print(f"== training the retail routing model from {args.config}", flush=True)
+    result = train_tenant(loaded, "retail", progress=_say)
+    metrics = result.trained.card.metrics
+    print(f"   {result.version}: held-out in-scope accuracy {metrics['inscope_accuracy']:.3f}, "
+          f"out-of-scope recall {metrics.get('oos_recall', float('nan')):.3f}, threshold "
+          f"{result.trained.card.threshold:.2f}")
+    queries = [
+        ("storefront", "is the 65 inch samsung tv in stock at store 1432?", {"store_id": "1432"}),
+        ("storefront", "you charged my card twice for the same order and I want it fixed", {}),
+        ("storefront", "when does the Elm Street store close on sunday", {"store_id": "0077"}),
+        ("storefront", "what's a good recipe for banana bread", {}),
+        ("store_ops", "how many gold tier points do I have", {}),
+    ]
+
+    async def run() -> None:
+        server = PlexusServer(loaded, address="127.0.0.1:0")
+        port = await server.start()
+        print(f"== serving on 127.0.0.1:{port}; routing over gRPC", flush=True)
+
+        def calls() -> None:
+            with PlexusClient(f"127.0.0.1:{port}", DEMO_KEY) as client:
+                for app, text, meta in queries:
+                    d = client.route(app, text, meta)
+                    flag = " (abstained -> fallback)" if d.abstained else ""
+                    print(f"   [{app}] {text!r}\n      -> {d.route} @ {d.target}, confidence "
+                          f"{d.confidence:.2f}{flag}, model {d.model_version}, "
+                          f"{d.server_micros} us server-side")
+
+        await asyncio.get_running_loop().run_in_executor(None, calls)
+        await server.stop(grace=1)
+
+    asyncio.run(run())
+    print("== done. Serve it yourself: plexus serve examples/retail/plexus.yaml")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plexus", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="serve the gRPC API until SIGTERM/SIGINT")
+    p.add_argument("config", type=Path)
+    p.add_argument("--address", help="HOST:PORT to listen on (overrides server.address)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("train", help="train routing models and store them as new versions")
+    p.add_argument("config", type=Path)
+    p.add_argument("--tenant", help="train only this tenant (default: all)")
+    p.add_argument("--data", type=Path, help="extra labelled examples (JSONL or CSV text,label)")
+    p.add_argument("--family", choices=["fast", "accurate"], help="override model.family")
+    p.add_argument("--seed", type=int, help="override model.seed")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("route", help="route one text, in-process or over gRPC")
+    p.add_argument("config", type=Path, nargs="?")
+    p.add_argument("--tenant")
+    p.add_argument("--app", required=True)
+    p.add_argument("--text", required=True)
+    p.add_argument("--tier", default="")
+    p.add_argument("--meta", nargs=2, action="append", metavar=("KEY", "VALUE"))
+    p.add_argument("--remote", metavar="ADDR", help="call a running server at HOST:PORT")
+    p.add_argument("--api-key", help="API key for --remote (or PLEXUS_API_KEY)")
+    p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("models", help="list, load or roll back routing model versions")
+    p.add_argument("action", choices=["list", "load", "rollback"])
+    p.add_argument("config", type=Path, nargs="?")
+    p.add_argument("version", nargs="?", help="version to load (default: newest)")
+    p.add_argument("--tenant")
+    p.add_argument("--force", action="store_true", help="load even if held-out accuracy drops")
+    p.add_argument("--remote", metavar="ADDR", help="act on a running server at HOST:PORT")
+    p.add_argument("--api-key", help="admin API key for --remote (or PLEXUS_API_KEY)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("bench", help="benchmarks: latency, accuracy (run from a checkout)")
+    bench_sub = p.add_subparsers(dest="suite", required=True)
+    b = bench_sub.add_parser("latency", help="Route vs a bare echo servicer, c=1/16/64")
+    b.add_argument("--config", type=Path, default=DEMO_CONFIG)
+    b.add_argument("--requests", type=int, default=3000, help="requests per concurrency level")
+    b.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    b.add_argument("--processes", type=int, default=2, help="client processes")
+    b.add_argument("--out", type=Path, default=Path("bench/results"))
+    b = bench_sub.add_parser("accuracy", help="CLINC150 accuracy per model family")
+    b.add_argument("--data", type=Path, required=True, help="path to CLINC150 data_full.json")
+    b.add_argument("--families", nargs="+", default=["fast", "accurate"])
+    b.add_argument("--out", type=Path, default=Path("bench/results"))
+    b.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="the retail demo: train, serve, and route a few calls")
+    p.add_argument("--config", type=Path, default=DEMO_CONFIG)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, PlexusError, ValueError, LookupError, OSError) as exc:
+        print(f"plexus: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

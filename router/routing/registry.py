@@ -1,0 +1,106 @@
+"""On-disk versions of each tenant's routing model.
+
+Layout: ``MODEL_DIR/<tenant>/<version>.onnx`` with ``<version>.heldout.jsonl`` beside it (the
+held-out examples a swap is checked on) and ``ACTIVE`` naming the version being served. Every
+write goes to a temporary file first and is renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from router.routing.training import Examples, read_examples
+
+VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
+ACTIVE_FILE = "ACTIVE"
+
+
+class RegistryError(LookupError):
+    """A version that is not in the registry, or a registry that cannot be written."""
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ModelRegistry:
+    """Versions ``v0001``, ``v0002``, ... of one tenant's models."""
+
+    def __init__(self, root: Path, tenant: str):
+        self.tenant = tenant
+        self.directory = root / tenant
+
+    def versions(self) -> list[str]:
+        if not self.directory.is_dir():
+            return []
+        found = [p.stem for p in self.directory.glob("v*.onnx") if VERSION_PATTERN.match(p.stem)]
+        return sorted(found, key=lambda v: int(v[1:]))
+
+    def newest(self) -> str | None:
+        versions = self.versions()
+        return versions[-1] if versions else None
+
+    def path(self, version: str) -> Path:
+        if not VERSION_PATTERN.match(version):
+            raise RegistryError(f"{version!r} is not a version name (expected v0001, v0002, ...)")
+        path = self.directory / f"{version}.onnx"
+        if not path.is_file():
+            raise RegistryError(
+                f"tenant {self.tenant!r} has no model {version!r} in {self.directory} "
+                f"(have {self.versions() or 'none'})"
+            )
+        return path
+
+    def heldout(self, version: str) -> Examples | None:
+        path = self.directory / f"{version}.heldout.jsonl"
+        return read_examples(path) if path.is_file() else None
+
+    def add(self, model_bytes: bytes, heldout: Examples | None) -> str:
+        """Store a new version (model file and its held-out set); returns its name."""
+        newest = self.newest()
+        version = f"v{(int(newest[1:]) + 1 if newest else 1):04d}"
+        if heldout is not None:
+            _atomic_write(
+                self.directory / f"{version}.heldout.jsonl", heldout.to_jsonl().encode("utf-8")
+            )
+        _atomic_write(self.directory / f"{version}.onnx", model_bytes)
+        return version
+
+    def active(self) -> str | None:
+        """The version named by ``ACTIVE``, else the newest."""
+        pointer = self.directory / ACTIVE_FILE
+        if pointer.is_file():
+            name = pointer.read_text(encoding="utf-8").strip()
+            if (self.directory / f"{name}.onnx").is_file():
+                return name
+        return self.newest()
+
+    def set_active(self, version: str) -> None:
+        self.path(version)
+        _atomic_write(self.directory / ACTIVE_FILE, f"{version}\n".encode())
+
+    def resolve(self, wanted: str) -> str:
+        """``active`` (pointer or newest), ``latest`` (newest) or an explicit version."""
+        if wanted in ("active", "latest"):
+            version = self.active() if wanted == "active" else self.newest()
+            if version is None:
+                raise RegistryError(
+                    f"tenant {self.tenant!r} has no trained model in {self.directory}; "
+                    f"run `plexus train CONFIG --tenant {self.tenant}` first"
+                )
+            return version
+        self.path(wanted)
+        return wanted

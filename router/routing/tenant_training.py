@@ -1,0 +1,79 @@
+"""Training a tenant's routing model from its configuration and storing it as a new version."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from router.config import LoadedConfig
+from router.routing.featurizer import FeaturizerParams
+from router.routing.registry import ModelRegistry
+from router.routing.training import (
+    DEFAULT_OOS_LABEL,
+    DatasetError,
+    Examples,
+    Progress,
+    TrainedModel,
+    read_examples,
+    train_model,
+)
+
+
+@dataclass
+class TenantTrainingResult:
+    tenant: str
+    version: str
+    path: Path
+    trained: TrainedModel
+
+
+def tenant_examples(loaded: LoadedConfig, tenant: str, data: Path | None = None) -> Examples:
+    """The route examples from the config plus the optional labelled dataset.
+
+    Labels in the dataset must be route names or ``oos`` (out-of-scope).
+    """
+    config = loaded.tenant(tenant)
+    examples = Examples(
+        [text for route in config.routes for text in route.examples],
+        [route.name for route in config.routes for _ in route.examples],
+    )
+    data_path = data or (loaded.resolve(config.model.data) if config.model.data else None)
+    if data_path is not None:
+        extra = read_examples(data_path)
+        allowed = {r.name for r in config.routes} | {DEFAULT_OOS_LABEL}
+        unknown = sorted(set(extra.labels) - allowed)
+        if unknown:
+            raise DatasetError(
+                f"{data_path}: labels {unknown} are neither routes of tenant {tenant!r} nor "
+                f"{DEFAULT_OOS_LABEL!r}"
+            )
+        examples = examples + extra
+    return examples
+
+
+def train_tenant(
+    loaded: LoadedConfig,
+    tenant: str,
+    *,
+    data: Path | None = None,
+    family: str | None = None,
+    seed: int | None = None,
+    progress: Progress | None = None,
+) -> TenantTrainingResult:
+    config = loaded.tenant(tenant)
+    model_config = config.model
+    use_seed = model_config.seed if seed is None else seed
+    examples = tenant_examples(loaded, tenant, data)
+    trained = train_model(
+        examples,
+        family=family or model_config.family,
+        heldout_fraction=model_config.heldout_fraction,
+        featurizer_params=FeaturizerParams(buckets_log2=model_config.buckets_log2, seed=use_seed),
+        threshold=model_config.threshold,
+        regularization=model_config.regularization,
+        seed=use_seed,
+        progress=progress,
+    )
+    registry = ModelRegistry(loaded.model_dir, tenant)
+    version = registry.add(trained.model_bytes, trained.heldout)
+    return TenantTrainingResult(tenant, version, registry.path(version), trained)

@@ -1,0 +1,92 @@
+"""Building, starting and draining the grpc.aio server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from router._generated.plexus.v1 import plexus_pb2 as pb
+from router.config import LoadedConfig, ServerConfig
+from router.routing.service import Router
+from router.server.auth import ApiKeyInterceptor
+from router.server.servicers import AdminServicer, RouterServicer, generic_handlers
+
+log = logging.getLogger("plexus.server")
+SERVICE_NAMES = [service.full_name for service in pb.DESCRIPTOR.services_by_name.values()]
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
+    """Channel options shared by the Plexus server and the benchmark's echo server."""
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+def new_server(config: ServerConfig, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+               ) -> grpc.aio.Server:
+    return grpc.aio.server(
+        interceptors=list(interceptors),
+        options=server_options(config),
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+    )
+
+
+class PlexusServer:
+    """The Plexus gRPC server: Router and Admin services, health checking and reflection."""
+
+    def __init__(self, loaded: LoadedConfig, router: Router | None = None,
+                 address: str | None = None):
+        self.loaded = loaded
+        self.config = loaded.config.server
+        self.router = router or Router(loaded)
+        self.address = address or self.config.address
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="plexus-work")
+        self.server = new_server(self.config, [ApiKeyInterceptor(self.router)])
+        self.server.add_generic_rpc_handlers(
+            generic_handlers(RouterServicer(self.router, self.executor),
+                             AdminServicer(self.router, self.executor))
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = 0
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(self.address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.address}")
+        await self.server.start()
+        for name in ["", *SERVICE_NAMES]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("plexus serving on port %d", self.port)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, let in-flight calls finish within the grace period, stop."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def serve_until_signalled(self) -> None:
+        """Serve until SIGTERM or SIGINT, then drain and return."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("signal received: draining for up to %.1f s", self.config.grace_seconds)
+        await self.stop()

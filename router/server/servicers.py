@@ -1,0 +1,180 @@
+"""Thin gRPC servicers: proto -> domain, call, domain -> proto, errors -> status codes.
+
+Requests are parsed here rather than by grpc's deserializer so that a malformed message (for
+example a text field that is not valid UTF-8) is answered with INVALID_ARGUMENT, not INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from router._generated.plexus.v1 import plexus_pb2 as pb
+from router.errors import InvalidArgument, PlexusError
+from router.routing.service import Router, TenantRouter
+from router.server.auth import CURRENT_CALLER
+from router.server.convert import decision_to_proto, query_from_proto, status_to_proto
+
+log = logging.getLogger("plexus.server")
+M = TypeVar("M", bound=Message)
+T = TypeVar("T")
+
+
+def parse(message_type: type[M], data: bytes) -> M:
+    try:
+        return message_type.FromString(data)
+    except DecodeError:
+        raise InvalidArgument(
+            f"not a valid {message_type.DESCRIPTOR.name} (string fields must be UTF-8)"
+        ) from None
+
+
+async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, PlexusError):
+        await context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
+    log.exception("unexpected error")
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server logged it")
+
+
+def mapped(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Map domain errors to gRPC status codes; anything else is INTERNAL, logged once."""
+
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await method(self, request, context)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a trace
+            await _abort_for(context, exc)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+class RouterServicer:
+    def __init__(self, router: Router, executor: Executor):
+        self.router = router
+        self.executor = executor
+
+    def _tenant(self) -> TenantRouter:
+        return self.router.tenant(CURRENT_CALLER.get())
+
+    async def _off_loop(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
+        """Run a dense-encoder decision in the bounded executor, within the call's deadline."""
+        remaining = context.time_remaining()
+        future = asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        return await asyncio.wait_for(future, timeout=remaining)
+
+    @mapped
+    async def route(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        query = query_from_proto(parse(pb.RouteRequest, data))
+        caller = CURRENT_CALLER.get()
+        tenant = self.router.tenant(caller)
+        if tenant.heavy:
+            decision = await self._off_loop(context, lambda: tenant.decide(query, caller))
+        else:
+            decision = tenant.decide(query, caller)
+        return decision_to_proto(decision).SerializeToString()
+
+    @mapped
+    async def route_batch(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        request = parse(pb.RouteBatchRequest, data)
+        limit = self.router.loaded.config.server.max_batch
+        if not request.requests:
+            raise InvalidArgument("the batch is empty")
+        if len(request.requests) > limit:
+            raise InvalidArgument(f"the batch has {len(request.requests)} requests; the limit is {limit}")
+        queries = [query_from_proto(r) for r in request.requests]
+        caller = CURRENT_CALLER.get()
+        tenant = self.router.tenant(caller)
+        decisions = await self._off_loop(context, lambda: tenant.decide_many(queries, caller))
+        return pb.RouteBatchResponse(
+            decisions=[decision_to_proto(d) for d in decisions]
+        ).SerializeToString()
+
+    async def route_stream(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        caller = CURRENT_CALLER.get()
+        tenant = self.router.tenant(caller)
+        try:
+            async for data in requests:
+                query = query_from_proto(parse(pb.RouteRequest, data))
+                if tenant.heavy:
+                    decision = await self._off_loop(context, lambda q=query: tenant.decide(q, caller))
+                else:
+                    decision = tenant.decide(query, caller)
+                yield decision_to_proto(decision).SerializeToString()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await _abort_for(context, exc)
+
+
+class AdminServicer:
+    def __init__(self, router: Router, executor: Executor):
+        self.router = router
+        self.executor = executor
+
+    @mapped
+    async def list_models(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        parse(pb.ListModelsRequest, data)
+        tenant = self.router.admin_tenant(CURRENT_CALLER.get())
+        infos = await asyncio.get_running_loop().run_in_executor(self.executor, tenant.list_models)
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(
+                    version=i.version, family=i.family, created_at=i.created_at,
+                    training_data_sha256=i.training_data_sha256, metrics=i.metrics,
+                    active=i.active,
+                )
+                for i in infos
+            ]
+        ).SerializeToString()
+
+    @mapped
+    async def load_model(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        request = parse(pb.LoadModelRequest, data)
+        tenant = self.router.admin_tenant(CURRENT_CALLER.get())
+        status = await asyncio.get_running_loop().run_in_executor(
+            self.executor, tenant.load_version, request.version or None, request.force
+        )
+        return status_to_proto(status).SerializeToString()
+
+    @mapped
+    async def rollback(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        parse(pb.RollbackRequest, data)
+        tenant = self.router.admin_tenant(CURRENT_CALLER.get())
+        status = await asyncio.get_running_loop().run_in_executor(self.executor, tenant.rollback)
+        return status_to_proto(status).SerializeToString()
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def generic_handlers(router_servicer: RouterServicer,
+                     admin_servicer: AdminServicer) -> list[grpc.GenericRpcHandler]:
+    unary = grpc.unary_unary_rpc_method_handler
+    router_methods = {
+        "Route": unary(router_servicer.route, _identity, _identity),
+        "RouteBatch": unary(router_servicer.route_batch, _identity, _identity),
+        "RouteStream": grpc.stream_stream_rpc_method_handler(
+            router_servicer.route_stream, _identity, _identity
+        ),
+    }
+    admin_methods = {
+        "ListModels": unary(admin_servicer.list_models, _identity, _identity),
+        "LoadModel": unary(admin_servicer.load_model, _identity, _identity),
+        "Rollback": unary(admin_servicer.rollback, _identity, _identity),
+    }
+    return [
+        grpc.method_handlers_generic_handler("plexus.v1.Router", router_methods),
+        grpc.method_handlers_generic_handler("plexus.v1.Admin", admin_methods),
+    ]
