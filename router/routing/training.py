@@ -162,6 +162,10 @@ def evaluate(
     return metrics
 
 
+EMBEDDING_SCALE = 2.0
+"""Unit-norm embeddings are scaled up before the shared L2 penalty, so the dense block is not
+penalised more than the n-gram block for the same influence."""
+
 OOS_WEIGHT = 0.5
 """Calibration objective: in-scope accuracy + OOS_WEIGHT x out-of-scope recall."""
 
@@ -266,6 +270,7 @@ def train_model(
     threshold: float | str = "calibrated",
     oos_label: str = DEFAULT_OOS_LABEL,
     regularization: float = 10.0,
+    embedding_scale: float = EMBEDDING_SCALE,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> TrainedModel:
@@ -284,7 +289,9 @@ def train_model(
         raise DatasetError("need examples of at least two in-scope routes")
     features = _Features(family, params, say)
     x_sparse, x_dense = features.matrix(train.texts, "training")
-    x = sp.hstack([x_sparse, sp.csr_matrix(x_dense)], format="csr") if x_dense is not None else x_sparse
+    x = x_sparse
+    if x_dense is not None:
+        x = sp.hstack([x_sparse, sp.csr_matrix(x_dense * embedding_scale)], format="csr")
     y = np.array([labels.index(label) for label in train.labels])
     say(f"fitting a {family} model: {x.shape[0]} examples, {len(labels)} labels")
     head = LogisticRegression(C=regularization, max_iter=2000, tol=1e-5, random_state=seed)
@@ -296,7 +303,9 @@ def train_model(
         bias = np.array([-bias[0] / 2, bias[0] / 2], dtype=np.float32)
     buckets = params.buckets
     sparse_w = np.ascontiguousarray(coef[:, :buckets].T)
-    dense_w = np.ascontiguousarray(coef[:, buckets:].T) if x_dense is not None else None
+    dense_w = None
+    if x_dense is not None:  # the graph takes the raw embedding: fold the scale into E
+        dense_w = np.ascontiguousarray(coef[:, buckets:].T * embedding_scale)
 
     card = ModelCard(
         family=family,

@@ -46,6 +46,9 @@ def mapped(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """Map domain errors to gRPC status codes; anything else is INTERNAL, logged once."""
 
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before work")
         try:
             return await method(self, request, context)
         except asyncio.CancelledError:

@@ -1,0 +1,127 @@
+"""Shared helpers for the benchmark suites: machine facts, percentiles, report files."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PACKAGES = ("numpy", "onnxruntime", "grpcio", "scikit-learn")
+
+
+def say(message: str) -> None:
+    """Progress goes to stderr so stdout keeps only the final table."""
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_gib() -> float | None:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 1024 / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _os_name() -> str:
+    try:
+        with open("/etc/os-release", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("PRETTY_NAME="):
+                    return f"{line.split('=', 1)[1].strip().strip(chr(34))} ({platform.platform()})"
+    except OSError:
+        pass
+    return platform.platform()
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_facts() -> dict[str, Any]:
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": usable,
+        "memory_gib": _memory_gib(),
+        "os": _os_name(),
+        "python": platform.python_version(),
+        "packages": {name: _version(name) for name in PACKAGES},
+    }
+
+
+def machine_markdown(facts: dict[str, Any]) -> str:
+    packages = ", ".join(f"{k} {v}" for k, v in facts["packages"].items())
+    cores = f"{facts['cpu_cores']}"
+    if facts.get("cpu_cores_usable") not in (None, facts["cpu_cores"]):
+        cores += f" ({facts['cpu_cores_usable']} usable by this process)"
+    return "\n".join([
+        f"- Date: {facts['date']}",
+        f"- CPU: {facts['cpu_model']}, {cores} cores",
+        f"- Memory: {facts['memory_gib']} GiB",
+        f"- OS: {facts['os']}",
+        f"- Python {facts['python']}; {packages}",
+    ])
+
+
+def percentiles_us(samples_ns: Sequence[int] | np.ndarray) -> dict[str, float]:
+    """p50 / p99 / p99.9 and mean of nanosecond samples, in microseconds."""
+    values = np.asarray(samples_ns, dtype=np.float64) / 1000.0
+    if values.size == 0:
+        return {"p50": float("nan"), "p99": float("nan"), "p99_9": float("nan"),
+                "mean": float("nan")}
+    p50, p99, p999 = np.percentile(values, [50, 99, 99.9])
+    return {"p50": float(p50), "p99": float(p99), "p99_9": float(p999),
+            "mean": float(values.mean())}
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: Path, name: str, data: dict[str, Any], markdown: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{name}.json"
+    md_path = out_dir / f"{name}.md"
+    json_path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    md_path.write_text(markdown.rstrip() + "\n", encoding="utf-8")
+    return [json_path, md_path]
+
+
+def pyplot():  # type: ignore[no-untyped-def]
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

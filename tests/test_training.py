@@ -1,0 +1,128 @@
+"""Training, calibration and the self-describing ONNX contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from router.routing.featurizer import FeaturizerParams
+from router.routing.model import Classifier, ModelCard, ModelContractError, build_linear_onnx
+from router.routing.training import (
+    DatasetError,
+    Examples,
+    calibrate_threshold,
+    decide,
+    read_examples,
+    train_model,
+)
+
+ROUTES = {
+    "order_status": ["where is my order", "track my package", "has my parcel shipped yet",
+                     "when will my delivery arrive", "order 1234 status please"],
+    "store_hours": ["when do you open", "what time does the store close",
+                    "are you open on sunday", "holiday opening hours", "closing time tonight"],
+    "returns": ["how do I return shoes", "can I exchange this shirt", "refund for a return",
+                "return policy for electronics", "send back a damaged item"],
+}
+OOS = ["what is the weather tomorrow", "tell me a joke", "who won the football game",
+       "recipe for pancakes", "how tall is mount everest"]
+
+
+def small_examples() -> Examples:
+    texts = [t for examples in ROUTES.values() for t in examples] + OOS
+    labels = [r for r, examples in ROUTES.items() for _ in examples] + ["oos"] * len(OOS)
+    return Examples(texts, labels)
+
+
+PARAMS = FeaturizerParams(buckets_log2=12)
+
+
+def test_training_is_deterministic_under_a_seed():
+    first = train_model(small_examples(), featurizer_params=PARAMS, seed=3, heldout_fraction=0.4)
+    second = train_model(small_examples(), featurizer_params=PARAMS, seed=3, heldout_fraction=0.4)
+    np.testing.assert_array_equal(first.heldout_probs, second.heldout_probs)
+    assert first.card.threshold == second.card.threshold
+    assert first.card.metrics == second.card.metrics
+    assert first.heldout.texts == second.heldout.texts
+
+
+def test_model_file_describes_itself(tmp_path: Path):
+    trained = train_model(small_examples(), featurizer_params=PARAMS, seed=0, heldout_fraction=0.4)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(trained.model_bytes)
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(meta["plexus.labels"]) == sorted([*ROUTES, "oos"])
+    assert json.loads(meta["plexus.featurizer"])["buckets_log2"] == 12
+    assert meta["plexus.oos_label"] == "oos"
+    assert 0.0 <= float(meta["plexus.threshold"]) <= 1.0
+    assert "inscope_accuracy" in json.loads(meta["plexus.metrics"])
+    assert len(meta["plexus.training_data_sha256"]) == 64
+    assert meta["plexus.created_at"]
+    classifier = Classifier.from_file(path)
+    ids = classifier.featurizer.featurize_batch(["where is my order please"])
+    probs, version = classifier.predict(ids)
+    assert version == "m"
+    assert probs.shape == (1, 4)
+    assert classifier.labels[int(probs.argmax())] == "order_status"
+
+
+def test_a_model_trained_elsewhere_that_meets_the_contract_loads():
+    """A user can bring any ONNX file with the documented inputs, output and metadata."""
+    rng = np.random.default_rng(0)
+    card = ModelCard(
+        family="fast", labels=["a", "b"], oos_label="", featurizer=PARAMS, threshold=0.5,
+        metrics={"inscope_accuracy": 0.9}, encoder=None, training_data_sha256="0" * 64,
+        created_at="2026-01-01T00:00:00+00:00",
+    )
+    weights = rng.normal(size=(PARAMS.buckets, 2)).astype(np.float32)
+    classifier = Classifier(build_linear_onnx(weights, np.zeros(2, np.float32), card), "byo")
+    probs, _ = classifier.predict(classifier.featurizer.featurize_batch(["anything at all"]))
+    assert probs.shape == (1, 2)
+    assert np.isclose(probs.sum(), 1.0, atol=1e-5)
+
+
+def test_files_that_break_the_contract_are_refused():
+    identity = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Identity", ["ids"], ["probs"])], "g",
+            [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 2])],
+            [helper.make_tensor_value_info("probs", TensorProto.INT64, [1, 2])],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    with pytest.raises(ModelContractError, match="metadata_props lacks"):
+        Classifier(identity.SerializeToString(), "x")
+    with pytest.raises(ModelContractError, match="cannot load"):
+        Classifier(b"not onnx at all", "x")
+
+
+def test_calibration_uses_out_of_scope_examples():
+    labels = ["a", "b", "oos"]
+    probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.4, 0.35, 0.25], [0.45, 0.3, 0.25]])
+    truth = ["a", "b", "oos", "oos"]
+    threshold = calibrate_threshold(probs, truth, labels, "oos")
+    assert 0.45 < threshold <= 0.8
+    result = decide(probs, labels, "oos", threshold)
+    assert result.predicted == ["a", "b", "oos", "oos"]
+
+
+def test_read_examples_jsonl_and_csv(tmp_path: Path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "hi", "label": "oos"}\n\n{"text": "where", "label": "order"}\n')
+    assert read_examples(jsonl).labels == ["oos", "order"]
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text('text,label\n"hello, there",greet\n')
+    assert read_examples(csv_path).texts == ["hello, there"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok", "label": "a"}\n{"text": 3, "label": "a"}\n')
+    with pytest.raises(DatasetError, match=r"bad.jsonl: line 2: 'text'"):
+        read_examples(bad)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    with pytest.raises(DatasetError, match="line 1: not JSON"):
+        read_examples(broken)
