@@ -47,6 +47,7 @@ DEMO_KEY = "retail-demo-key"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVERS = ("echo", "plexus")
 START_TIMEOUT_S = 120.0
+ROUNDS = 4  # per level and server; the servers alternate ABBA-style between rounds
 
 # Realistic retail chat queries, about 20 words each.
 QUERIES = [
@@ -441,8 +442,9 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             "concurrency": levels, "client_processes": args.processes,
             "queries": len(QUERIES),
             "query_words_mean": round(sum(len(q.split()) for q in QUERIES) / len(QUERIES), 1),
-            "order": "per level: two rounds in ABBA order (echo, plexus, plexus, echo or the "
-                     "reverse), each round half the requests",
+            "order": f"per level, {ROUNDS} rounds per server alternating in ABBA order (echo, "
+                     "plexus, plexus, echo, ...; the next level starts with plexus), each round "
+                     f"1/{ROUNDS} of the requests on fresh connections after its own warm-up",
             "client": "grpc.aio, one channel per client process, pre-serialized requests",
         },
         "models": models,
@@ -456,21 +458,18 @@ def _measure(pool: ClientPool, servers: dict[str, ServerProcess], api_key: str,
              payloads: list[bytes], levels: list[int], requests: int) -> list[dict[str, Any]]:
     rows = []
     for index, level in enumerate(levels):
-        order = ["echo", "plexus", "plexus", "echo"]
-        if index % 2:
-            order.reverse()
-        halves = [requests // 2, requests - requests // 2]
+        rounds = max(1, min(ROUNDS, requests))
+        counts = [requests // rounds + (1 if r < requests % rounds else 0) for r in range(rounds)]
         collected: dict[str, list[dict[str, Any]]] = {kind: [] for kind in SERVERS}
-        for step, kind in enumerate(order):
-            count = halves[step // 2]
-            if count == 0:
-                continue
-            run = pool.run(servers[kind].address, api_key, payloads, level, count)
-            collected[kind].append(run)
-            p = percentiles_us(run["latencies"])
-            rate = len(run["latencies"]) / run["seconds"] if run["seconds"] else 0.0
-            say(f"c={level:<4d} {kind:6s} round {step // 2 + 1}: {count} requests, "
-                f"p50 {p['p50']:.0f} us, {rate:.0f} req/s")
+        for round_index, count in enumerate(counts):
+            pair = list(SERVERS) if (round_index + index) % 2 == 0 else list(reversed(SERVERS))
+            for kind in pair:
+                run = pool.run(servers[kind].address, api_key, payloads, level, count)
+                collected[kind].append(run)
+                p = percentiles_us(run["latencies"])
+                rate = len(run["latencies"]) / run["seconds"] if run["seconds"] else 0.0
+                say(f"c={level:<4d} {kind:6s} round {round_index + 1}/{rounds}: {count} "
+                    f"requests, p50 {p['p50']:.0f} us, {rate:.0f} req/s")
         for kind in SERVERS:
             runs = collected[kind]
             latencies = array("q")

@@ -38,8 +38,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     tenants = [args.tenant] if args.tenant else sorted(loaded.config.tenants)
     for tenant in tenants:
         print(f"training tenant {tenant!r}", file=sys.stderr)
-        result = train_tenant(loaded, tenant, data=args.data, family=args.family, seed=args.seed,
-                              progress=_say)
+        result = train_tenant(
+            loaded, tenant, data=args.data, family=args.family, seed=args.seed, progress=_say
+        )
         card = result.trained.card
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in card.metrics.items())
         print(f"{tenant}: {result.version} ({card.family}) -> {result.path}")
@@ -75,8 +76,9 @@ def cmd_route(args: argparse.Namespace) -> int:
     tenant = _single_tenant(loaded, args.tenant)
     router = Router(loaded)
     caller = Caller(tenant, "cli", admin=True, apps=None)
-    decision = router.decide(caller, RouteQuery(args.app, args.text, dict(args.meta or []),
-                                                args.tier))
+    decision = router.decide(
+        caller, RouteQuery(args.app, args.text, dict(args.meta or []), args.tier)
+    )
     _print_decision(asdict(decision))
     return 0
 
@@ -131,8 +133,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     elif args.action == "load":
         print(json.dumps(asdict(tenant.load_version(args.version, args.force)), indent=2))
     else:
-        raise SystemExit("rollback restores the version a running server served before; use "
-                         "--remote ADDR, or `models load CONFIG VERSION` on disk")
+        raise SystemExit(
+            "rollback restores the version a running server served before; use "
+            "--remote ADDR, or `models load CONFIG VERSION` on disk"
+        )
     return 0
 
 
@@ -154,9 +158,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"== training the retail routing model from {args.config}", flush=True)
     result = train_tenant(loaded, "retail", progress=_say)
     metrics = result.trained.card.metrics
-    print(f"   {result.version}: held-out in-scope accuracy {metrics['inscope_accuracy']:.3f}, "
-          f"out-of-scope recall {metrics.get('oos_recall', float('nan')):.3f}, threshold "
-          f"{result.trained.card.threshold:.2f}")
+    print(
+        f"   {result.version}: held-out in-scope accuracy {metrics['inscope_accuracy']:.3f}, "
+        f"out-of-scope recall {metrics.get('oos_recall', float('nan')):.3f}, threshold "
+        f"{result.trained.card.threshold:.2f}"
+    )
     queries = [
         ("storefront", "is the 65 inch samsung tv in stock at store 1432?", {"store_id": "1432"}),
         ("storefront", "you charged my card twice for the same order and I want it fixed", {}),
@@ -175,9 +181,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 for app, text, meta in queries:
                     d = client.route(app, text, meta)
                     flag = " (abstained -> fallback)" if d.abstained else ""
-                    print(f"   [{app}] {text!r}\n      -> {d.route} @ {d.target}, confidence "
-                          f"{d.confidence:.2f}{flag}, model {d.model_version}, "
-                          f"{d.server_micros} us server-side")
+                    print(
+                        f"   [{app}] {text!r}\n      -> {d.route} @ {d.target}, confidence "
+                        f"{d.confidence:.2f}{flag}, model {d.model_version}, "
+                        f"{d.server_micros} us server-side"
+                    )
 
         await asyncio.get_running_loop().run_in_executor(None, calls)
         await server.stop(grace=1)
@@ -249,8 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.func(args)
     except (ConfigError, PlexusError, ValueError, LookupError, OSError) as exc:

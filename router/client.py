@@ -18,10 +18,12 @@ class PlexusClient:
         self.metadata = (("x-api-key", api_key),)
         self.timeout = timeout
 
-    def route(self, app: str, text: str, metadata: Mapping[str, str] | None = None,
-              user_tier: str = "") -> pb.RouteDecision:
-        request = pb.RouteRequest(app=app, text=text, metadata=dict(metadata or {}),
-                                  user_tier=user_tier)
+    def route(
+        self, app: str, text: str, metadata: Mapping[str, str] | None = None, user_tier: str = ""
+    ) -> pb.RouteDecision:
+        request = pb.RouteRequest(
+            app=app, text=text, metadata=dict(metadata or {}), user_tier=user_tier
+        )
         return self.router.Route(request, metadata=self.metadata, timeout=self.timeout)
 
     def route_batch(self, app: str, texts: Iterable[str]) -> pb.RouteBatchResponse:
@@ -29,16 +31,21 @@ class PlexusClient:
         return self.router.RouteBatch(request, metadata=self.metadata, timeout=self.timeout)
 
     def list_models(self) -> pb.ListModelsResponse:
-        return self.admin.ListModels(pb.ListModelsRequest(), metadata=self.metadata,
-                                     timeout=self.timeout)
+        return self.admin.ListModels(
+            pb.ListModelsRequest(), metadata=self.metadata, timeout=self.timeout
+        )
 
     def load_model(self, version: str = "", force: bool = False) -> pb.ModelStatus:
-        return self.admin.LoadModel(pb.LoadModelRequest(version=version, force=force),
-                                    metadata=self.metadata, timeout=max(self.timeout, 120))
+        return self.admin.LoadModel(
+            pb.LoadModelRequest(version=version, force=force),
+            metadata=self.metadata,
+            timeout=max(self.timeout, 120),
+        )
 
     def rollback(self) -> pb.ModelStatus:
-        return self.admin.Rollback(pb.RollbackRequest(), metadata=self.metadata,
-                                   timeout=max(self.timeout, 60))
+        return self.admin.Rollback(
+            pb.RollbackRequest(), metadata=self.metadata, timeout=max(self.timeout, 60)
+        )
 
     def close(self) -> None:
         self.channel.close()

@@ -182,7 +182,9 @@ def _format_error(path: Path, error: dict[str, Any]) -> str:
     elif message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     given = error.get("input")
-    shown = "" if isinstance(given, dict | list) or error["type"] == "missing" else f" (got {given!r})"
+    shown = (
+        "" if isinstance(given, dict | list) or error["type"] == "missing" else f" (got {given!r})"
+    )
     return f"{path}: {location}: {message}{shown}"
 
 

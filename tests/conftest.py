@@ -41,10 +41,16 @@ def demo_config_data(model_dir: Path) -> dict:
         "apps": {"buyers": {}},
         "model": {"fallback_route": "other", "buckets_log2": 12},
         "routes": [
-            {"name": "pricing", "target": "t1",
-             "examples": ["bulk price for pallets", "volume discount please", "price per case"]},
-            {"name": "other", "target": "t2",
-             "examples": ["hello there", "talk to someone", "something else entirely"]},
+            {
+                "name": "pricing",
+                "target": "t1",
+                "examples": ["bulk price for pallets", "volume discount please", "price per case"],
+            },
+            {
+                "name": "other",
+                "target": "t2",
+                "examples": ["hello there", "talk to someone", "something else entirely"],
+            },
         ],
     }
     return data

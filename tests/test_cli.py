@@ -15,22 +15,36 @@ import grpc
 import pytest
 import yaml
 
+from router._generated.plexus.v1 import plexus_pb2 as pb
+from router._generated.plexus.v1 import plexus_pb2_grpc as pb_grpc
 from router.config import LoadedConfig
 
 from .conftest import ADMIN_KEY, DEMO_KEY, ROOT, demo_config_data
-from router._generated.plexus.v1 import plexus_pb2 as pb
-from router._generated.plexus.v1 import plexus_pb2_grpc as pb_grpc
 
 
 def plexus(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "router.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "router.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["serve"], ["train"], ["route"], ["models"], ["bench"], ["bench", "latency"],
-     ["bench", "accuracy"], ["demo"]],
+    [
+        [],
+        ["serve"],
+        ["train"],
+        ["route"],
+        ["models"],
+        ["bench"],
+        ["bench", "latency"],
+        ["bench", "accuracy"],
+        ["demo"],
+    ],
 )
 def test_help_on_every_command(command):
     result = plexus(*command, "--help")
@@ -48,8 +62,14 @@ def test_train_route_and_models_on_disk(tmp_path: Path):
     assert "retail: v0001 (fast)" in trained.stdout
     assert "inscope_accuracy=" in trained.stdout
     assert "fitting" in trained.stderr  # progress is shown
-    routed = plexus("route", str(config), "--app", "storefront", "--text",
-                    "where is my order? it has not arrived")
+    routed = plexus(
+        "route",
+        str(config),
+        "--app",
+        "storefront",
+        "--text",
+        "where is my order? it has not arrived",
+    )
     assert routed.returncode == 0, routed.stderr
     decision = json.loads(routed.stdout)
     assert decision["model_version"] == "v0001"
@@ -72,7 +92,10 @@ def test_invalid_config_is_a_clear_error(tmp_path: Path):
 def _start_server(config: Path) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "router.cli", "serve", str(config), "--address", "127.0.0.1:0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     line = process.stdout.readline()
@@ -91,8 +114,11 @@ def test_serve_drains_on_signal_and_exits_zero(trained_config: LoadedConfig, sig
             stub = pb_grpc.RouterStub(channel)
             while not stop.is_set():
                 try:
-                    stub.Route(pb.RouteRequest(app="storefront", text="where is my order"),
-                               metadata=(("x-api-key", DEMO_KEY),), timeout=5)
+                    stub.Route(
+                        pb.RouteRequest(app="storefront", text="where is my order"),
+                        metadata=(("x-api-key", DEMO_KEY),),
+                        timeout=5,
+                    )
                     results.append("OK")
                 except grpc.RpcError as exc:
                     results.append(exc.code().name)
@@ -105,8 +131,9 @@ def test_serve_drains_on_signal_and_exits_zero(trained_config: LoadedConfig, sig
             time.sleep(0.01)
         with grpc.insecure_channel(address) as channel:
             admin = pb_grpc.AdminStub(channel)
-            reply = admin.ListModels(pb.ListModelsRequest(), metadata=(("x-api-key", ADMIN_KEY),),
-                                     timeout=10)
+            reply = admin.ListModels(
+                pb.ListModelsRequest(), metadata=(("x-api-key", ADMIN_KEY),), timeout=10
+            )
             assert reply.models
         process.send_signal(sig)
         assert process.wait(timeout=30) == 0

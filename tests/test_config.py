@@ -37,23 +37,46 @@ def test_demo_config_is_valid():
         (lambda d: d["server"].update(max_text_chars="many"), "server.max_text_chars", "integer"),
         (lambda d: d["server"].update(max_text_chars=0), "server.max_text_chars", "greater than 0"),
         (lambda d: d["server"].update(address="nowhere"), "server.address", "HOST:PORT"),
-        (lambda d: d["tenants"]["retail"]["model"].update(threshold=1.5),
-         "tenants.retail.model.threshold", "[0, 1]"),
-        (lambda d: d["tenants"]["retail"]["model"].update(fallback_route="nope"),
-         "tenants.retail", "fallback_route"),
-        (lambda d: d["tenants"]["retail"]["api_keys"][0].update(sha256="secret"),
-         "tenants.retail.api_keys.0.sha256", "64 lowercase hex"),
-        (lambda d: d["tenants"]["retail"]["routes"][0].pop("target"),
-         "tenants.retail.routes.0.target", "required"),
-        (lambda d: d["tenants"]["retail"]["apps"]["store_ops"].update(routes=["ghost"]),
-         "tenants.retail", "unknown routes"),
-        (lambda d: d["tenants"]["retail"]["routes"].append(d["tenants"]["retail"]["routes"][0]),
-         "tenants.retail", "duplicate route"),
-        (lambda d: d["tenants"]["retail"]["model"].update(family="huge"),
-         "tenants.retail.model.family", "'fast' or 'accurate'"),
+        (
+            lambda d: d["tenants"]["retail"]["model"].update(threshold=1.5),
+            "tenants.retail.model.threshold",
+            "[0, 1]",
+        ),
+        (
+            lambda d: d["tenants"]["retail"]["model"].update(fallback_route="nope"),
+            "tenants.retail",
+            "fallback_route",
+        ),
+        (
+            lambda d: d["tenants"]["retail"]["api_keys"][0].update(sha256="secret"),
+            "tenants.retail.api_keys.0.sha256",
+            "64 lowercase hex",
+        ),
+        (
+            lambda d: d["tenants"]["retail"]["routes"][0].pop("target"),
+            "tenants.retail.routes.0.target",
+            "required",
+        ),
+        (
+            lambda d: d["tenants"]["retail"]["apps"]["store_ops"].update(routes=["ghost"]),
+            "tenants.retail",
+            "unknown routes",
+        ),
+        (
+            lambda d: d["tenants"]["retail"]["routes"].append(d["tenants"]["retail"]["routes"][0]),
+            "tenants.retail",
+            "duplicate route",
+        ),
+        (
+            lambda d: d["tenants"]["retail"]["model"].update(family="huge"),
+            "tenants.retail.model.family",
+            "'fast' or 'accurate'",
+        ),
     ],
 )
-def test_invalid_config_names_file_key_and_expectation(tmp_path, mutate, path_fragment, expectation):
+def test_invalid_config_names_file_key_and_expectation(
+    tmp_path, mutate, path_fragment, expectation
+):
     data = demo()
     mutate(data)
     path = write(tmp_path, data)

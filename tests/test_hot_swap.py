@@ -12,6 +12,8 @@ import grpc
 import pytest
 import yaml
 
+from router._generated.plexus.v1 import plexus_pb2 as pb
+from router._generated.plexus.v1 import plexus_pb2_grpc as pb_grpc
 from router.config import LoadedConfig, parse_config
 from router.routing.featurizer import FeaturizerParams
 from router.routing.registry import ModelRegistry
@@ -19,8 +21,6 @@ from router.routing.tenant_training import tenant_examples
 from router.routing.training import Examples, train_model
 
 from .conftest import ADMIN_KEY, DEMO_KEY, RunningServer
-from router._generated.plexus.v1 import plexus_pb2 as pb
-from router._generated.plexus.v1 import plexus_pb2_grpc as pb_grpc
 
 QUERIES = [
     "is the blue hoodie in size M in stock at store 1432?",
@@ -46,8 +46,12 @@ def swap_server(trained_config: LoadedConfig, tmp_path_factory) -> RunningServer
     random.Random(0).shuffle(shuffled)
     registry = ModelRegistry(root, "retail")
     heldout = registry.heldout("v0001")
-    bad = train_model(Examples(good.texts, shuffled), heldout=heldout, seed=0,
-                      featurizer_params=FeaturizerParams(buckets_log2=16))
+    bad = train_model(
+        Examples(good.texts, shuffled),
+        heldout=heldout,
+        seed=0,
+        featurizer_params=FeaturizerParams(buckets_log2=16),
+    )
     assert registry.add(bad.model_bytes, heldout) == "v0003"
     running = RunningServer(loaded)
     yield running
@@ -77,8 +81,9 @@ def test_fifty_swaps_under_continuous_load(swap_server: RunningServer):
                 text = QUERIES[i % len(QUERIES)]
                 i += 1
                 try:
-                    reply = stub.Route(pb.RouteRequest(app="storefront", text=text),
-                                       metadata=META_DEMO, timeout=10)
+                    reply = stub.Route(
+                        pb.RouteRequest(app="storefront", text=text), metadata=META_DEMO, timeout=10
+                    )
                 except grpc.RpcError as exc:
                     with lock:
                         failures.append(f"{exc.code()}: {exc.details()}")
@@ -94,8 +99,9 @@ def test_fifty_swaps_under_continuous_load(swap_server: RunningServer):
     try:
         for i in range(50):
             target = "v0002" if i % 2 == 0 else "v0001"
-            status = stub.LoadModel(pb.LoadModelRequest(version=target, force=True),
-                                    metadata=META_ADMIN, timeout=60)
+            status = stub.LoadModel(
+                pb.LoadModelRequest(version=target, force=True), metadata=META_ADMIN, timeout=60
+            )
             assert status.active_version == target
             swapped_to.append(target)
     finally:
@@ -112,25 +118,29 @@ def test_fifty_swaps_under_continuous_load(swap_server: RunningServer):
 def test_a_worse_model_is_refused_unless_forced_and_rollback_restores(swap_server: RunningServer):
     channel, stub = admin(swap_server.address)
     with channel:
-        stub.LoadModel(pb.LoadModelRequest(version="v0001", force=True), metadata=META_ADMIN,
-                       timeout=60)
+        stub.LoadModel(
+            pb.LoadModelRequest(version="v0001", force=True), metadata=META_ADMIN, timeout=60
+        )
         with pytest.raises(grpc.RpcError) as info:
             stub.LoadModel(pb.LoadModelRequest(version="v0003"), metadata=META_ADMIN, timeout=60)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "held-out accuracy" in info.value.details()
-        status = stub.LoadModel(pb.LoadModelRequest(version="v0003", force=True),
-                                metadata=META_ADMIN, timeout=60)
+        status = stub.LoadModel(
+            pb.LoadModelRequest(version="v0003", force=True), metadata=META_ADMIN, timeout=60
+        )
         assert status.active_version == "v0003"
         assert status.heldout_accuracy < status.previous_accuracy
         router = pb_grpc.RouterStub(channel)
-        reply = router.Route(pb.RouteRequest(app="storefront", text="hi there"),
-                             metadata=META_DEMO, timeout=10)
+        reply = router.Route(
+            pb.RouteRequest(app="storefront", text="hi there"), metadata=META_DEMO, timeout=10
+        )
         assert reply.model_version == "v0003"
         restored = stub.Rollback(pb.RollbackRequest(), metadata=META_ADMIN, timeout=60)
         assert restored.active_version == "v0001"
         assert restored.previous_version == "v0003"
-        reply = router.Route(pb.RouteRequest(app="storefront", text="hi there"),
-                             metadata=META_DEMO, timeout=10)
+        reply = router.Route(
+            pb.RouteRequest(app="storefront", text="hi there"), metadata=META_DEMO, timeout=10
+        )
         assert reply.model_version == "v0001"
         active_file = Path(swap_server.server.router.loaded.model_dir) / "retail" / "ACTIVE"
         assert active_file.read_text().strip() == "v0001"
@@ -143,6 +153,7 @@ def test_unknown_version_is_not_found(swap_server: RunningServer):
             stub.LoadModel(pb.LoadModelRequest(version="v0099"), metadata=META_ADMIN, timeout=30)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
         with pytest.raises(grpc.RpcError) as info:
-            stub.LoadModel(pb.LoadModelRequest(version="../../etc/passwd"), metadata=META_ADMIN,
-                           timeout=30)
+            stub.LoadModel(
+                pb.LoadModelRequest(version="../../etc/passwd"), metadata=META_ADMIN, timeout=30
+            )
         assert info.value.code() == grpc.StatusCode.NOT_FOUND

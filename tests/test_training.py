@@ -22,15 +22,35 @@ from router.routing.training import (
 )
 
 ROUTES = {
-    "order_status": ["where is my order", "track my package", "has my parcel shipped yet",
-                     "when will my delivery arrive", "order 1234 status please"],
-    "store_hours": ["when do you open", "what time does the store close",
-                    "are you open on sunday", "holiday opening hours", "closing time tonight"],
-    "returns": ["how do I return shoes", "can I exchange this shirt", "refund for a return",
-                "return policy for electronics", "send back a damaged item"],
+    "order_status": [
+        "where is my order",
+        "track my package",
+        "has my parcel shipped yet",
+        "when will my delivery arrive",
+        "order 1234 status please",
+    ],
+    "store_hours": [
+        "when do you open",
+        "what time does the store close",
+        "are you open on sunday",
+        "holiday opening hours",
+        "closing time tonight",
+    ],
+    "returns": [
+        "how do I return shoes",
+        "can I exchange this shirt",
+        "refund for a return",
+        "return policy for electronics",
+        "send back a damaged item",
+    ],
 }
-OOS = ["what is the weather tomorrow", "tell me a joke", "who won the football game",
-       "recipe for pancakes", "how tall is mount everest"]
+OOS = [
+    "what is the weather tomorrow",
+    "tell me a joke",
+    "who won the football game",
+    "recipe for pancakes",
+    "how tall is mount everest",
+]
 
 
 def small_examples() -> Examples:
@@ -75,8 +95,14 @@ def test_a_model_trained_elsewhere_that_meets_the_contract_loads():
     """A user can bring any ONNX file with the documented inputs, output and metadata."""
     rng = np.random.default_rng(0)
     card = ModelCard(
-        family="fast", labels=["a", "b"], oos_label="", featurizer=PARAMS, threshold=0.5,
-        metrics={"inscope_accuracy": 0.9}, encoder=None, training_data_sha256="0" * 64,
+        family="fast",
+        labels=["a", "b"],
+        oos_label="",
+        featurizer=PARAMS,
+        threshold=0.5,
+        metrics={"inscope_accuracy": 0.9},
+        encoder=None,
+        training_data_sha256="0" * 64,
         created_at="2026-01-01T00:00:00+00:00",
     )
     weights = rng.normal(size=(PARAMS.buckets, 2)).astype(np.float32)
@@ -89,7 +115,8 @@ def test_a_model_trained_elsewhere_that_meets_the_contract_loads():
 def test_files_that_break_the_contract_are_refused():
     identity = helper.make_model(
         helper.make_graph(
-            [helper.make_node("Identity", ["ids"], ["probs"])], "g",
+            [helper.make_node("Identity", ["ids"], ["probs"])],
+            "g",
             [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 2])],
             [helper.make_tensor_value_info("probs", TensorProto.INT64, [1, 2])],
         ),

@@ -203,7 +203,9 @@ def _session(model_bytes: bytes, threads: int) -> ort.InferenceSession:
 class Classifier:
     """``predict(ids[, embedding]) -> (probs, version)`` over one loaded routing model."""
 
-    def __init__(self, model_bytes: bytes, version: str, source: str = "<memory>", threads: int = 1):
+    def __init__(
+        self, model_bytes: bytes, version: str, source: str = "<memory>", threads: int = 1
+    ):
         self.version = version
         self.source = source
         try:
@@ -227,7 +229,9 @@ class Classifier:
             if name not in inputs or inputs[name].type != dtype:
                 raise ModelContractError(f"{source}: needs input {name!r} of type {dtype}")
         if set(inputs) != set(expected):
-            raise ModelContractError(f"{source}: unexpected inputs {sorted(set(inputs) - set(expected))}")
+            raise ModelContractError(
+                f"{source}: unexpected inputs {sorted(set(inputs) - set(expected))}"
+            )
         outputs = {o.name: o for o in self._session.get_outputs()}
         if "probs" not in outputs or outputs["probs"].type != "tensor(float)":
             raise ModelContractError(f"{source}: needs a float output named 'probs'")

@@ -116,7 +116,9 @@ class ServingModel:
         self.oos_index = labels.index(oos) if oos else -1
         self.labels = labels
         self.targets = [routes[label].target if label in routes else "" for label in labels]
-        self.route_metadata = [dict(routes[lab].metadata) if lab in routes else {} for lab in labels]
+        self.route_metadata = [
+            dict(routes[lab].metadata) if lab in routes else {} for lab in labels
+        ]
         in_scope = [i for i, label in enumerate(labels) if label in routes]
         self.app_labels: dict[str, np.ndarray] = {}
         for app_name, app in tenant.apps.items():
@@ -137,7 +139,10 @@ class ServingModel:
         probs = predict_texts(self.classifier, examples.texts)
         # Evaluate against this model's own labels; labels it lacks count as errors.
         metrics = evaluate(
-            probs, examples.labels, self.labels, self.classifier.card.oos_label or "oos",
+            probs,
+            examples.labels,
+            self.labels,
+            self.classifier.card.oos_label or "oos",
             self.threshold,
         )
         return metrics.get("inscope_accuracy", 0.0)
@@ -146,8 +151,14 @@ class ServingModel:
 class TenantRouter:
     """One tenant's routes, apps, registry and active model."""
 
-    def __init__(self, name: str, config: TenantConfig, registry: ModelRegistry, max_text_chars: int,
-                 top_k: int):
+    def __init__(
+        self,
+        name: str,
+        config: TenantConfig,
+        registry: ModelRegistry,
+        max_text_chars: int,
+        top_k: int,
+    ):
         self.name = name
         self.config = config
         self.registry = registry
@@ -220,12 +231,23 @@ class TenantRouter:
         probs = model.probabilities([query.text], ids)[0]
         classified = time.perf_counter_ns()
         return self._decision(
-            model, query, probs, (featurized - started) // 1000, (classified - featurized) // 1000,
+            model,
+            query,
+            probs,
+            (featurized - started) // 1000,
+            (classified - featurized) // 1000,
             classified,
         )
 
-    def _decision(self, model: ServingModel, query: RouteQuery, probs: np.ndarray, prep_us: int,
-                  route_us: int, classified_ns: int) -> RouteDecision:
+    def _decision(
+        self,
+        model: ServingModel,
+        query: RouteQuery,
+        probs: np.ndarray,
+        prep_us: int,
+        route_us: int,
+        classified_ns: int,
+    ) -> RouteDecision:
         allowed = model.app_labels[query.app]
         allowed_probs = probs[allowed]
         order = np.argsort(-allowed_probs, kind="stable")[: self.top_k]
@@ -234,13 +256,19 @@ class TenantRouter:
         oos_prob = float(probs[model.oos_index]) if model.oos_index >= 0 else 0.0
         abstained = best < 0 or confidence < model.threshold or oos_prob > confidence
         alternatives = [
-            Alternative(model.labels[allowed[j]], model.targets[allowed[j]], float(allowed_probs[j]))
+            Alternative(
+                model.labels[allowed[j]], model.targets[allowed[j]], float(allowed_probs[j])
+            )
             for j in order
         ]
         if abstained:
             route, target, meta = self.fallback_route, self.fallback_target, self.fallback_metadata
         else:
-            route, target, meta = model.labels[best], model.targets[best], model.route_metadata[best]
+            route, target, meta = (
+                model.labels[best],
+                model.targets[best],
+                model.route_metadata[best],
+            )
         decided_us = (time.perf_counter_ns() - classified_ns) // 1000
         return RouteDecision(
             route=route,
@@ -265,8 +293,11 @@ class TenantRouter:
                 resolved = self.registry.resolve(version or "latest")
                 candidate = self._load(resolved)
             except (RegistryError, ModelContractError) as exc:
-                raise NotFound(str(exc)) if isinstance(exc, RegistryError) else FailedPrecondition(
-                    str(exc)) from None
+                raise (
+                    NotFound(str(exc))
+                    if isinstance(exc, RegistryError)
+                    else FailedPrecondition(str(exc))
+                ) from None
             current = self.active
             heldout = candidate.heldout or current.heldout
             new_acc = candidate.heldout_accuracy(heldout) if heldout else float("nan")
@@ -280,8 +311,9 @@ class TenantRouter:
             self.previous, self.active = current, candidate
             self.registry.set_active(candidate.version)
             log.info("tenant %s: swapped %s -> %s", self.name, current.version, candidate.version)
-            return ModelStatus(candidate.version, current.version, new_acc, old_acc,
-                               f"loaded {candidate.version}")
+            return ModelStatus(
+                candidate.version, current.version, new_acc, old_acc, f"loaded {candidate.version}"
+            )
 
     def list_models(self) -> list[ModelInfo]:
         infos = []
@@ -291,8 +323,16 @@ class TenantRouter:
             except ModelContractError as exc:
                 log.warning("tenant %s: skipping %s: %s", self.name, version, exc)
                 continue
-            infos.append(ModelInfo(version, card.family, card.created_at, card.training_data_sha256,
-                                   card.metrics, version == self.active.version))
+            infos.append(
+                ModelInfo(
+                    version,
+                    card.family,
+                    card.created_at,
+                    card.training_data_sha256,
+                    card.metrics,
+                    version == self.active.version,
+                )
+            )
         return infos
 
     def rollback(self) -> ModelStatus:
@@ -302,10 +342,13 @@ class TenantRouter:
             current, restored = self.active, self.previous
             self.previous, self.active = current, restored
             self.registry.set_active(restored.version)
-            log.info("tenant %s: rolled back %s -> %s", self.name, current.version, restored.version)
+            log.info(
+                "tenant %s: rolled back %s -> %s", self.name, current.version, restored.version
+            )
             nan = float("nan")
-            return ModelStatus(restored.version, current.version, nan, nan,
-                               f"restored {restored.version}")
+            return ModelStatus(
+                restored.version, current.version, nan, nan, f"restored {restored.version}"
+            )
 
 
 class Router:
@@ -315,14 +358,25 @@ class Router:
         self.loaded = loaded
         server = loaded.config.server
         self.tenants = {
-            name: TenantRouter(name, tenant, ModelRegistry(loaded.model_dir, name),
-                               server.max_text_chars, server.top_k)
+            name: TenantRouter(
+                name,
+                tenant,
+                ModelRegistry(loaded.model_dir, name),
+                server.max_text_chars,
+                server.top_k,
+            )
             for name, tenant in loaded.config.tenants.items()
         }
         self._keys = [
-            (key.sha256.encode("ascii"),
-             Caller(tenant_name, key.name, key.admin,
-                    frozenset(key.apps) if key.apps is not None else None))
+            (
+                key.sha256.encode("ascii"),
+                Caller(
+                    tenant_name,
+                    key.name,
+                    key.admin,
+                    frozenset(key.apps) if key.apps is not None else None,
+                ),
+            )
             for tenant_name, tenant in loaded.config.tenants.items()
             for key in tenant.api_keys
         ]

@@ -127,9 +127,7 @@ class Decisions:
     abstained: np.ndarray
 
 
-def decide(
-    probs: np.ndarray, labels: Sequence[str], oos_label: str, threshold: float
-) -> Decisions:
+def decide(probs: np.ndarray, labels: Sequence[str], oos_label: str, threshold: float) -> Decisions:
     """The serving rule: abstain when the out-of-scope class wins or confidence < threshold."""
     in_scope = np.array([label != oos_label for label in labels])
     masked = np.where(in_scope[None, :], probs, -1.0)
@@ -254,8 +252,9 @@ def _encode_with_progress(encoder, texts: Sequence[str], what: str) -> np.ndarra
 
     chunk = 256
     parts = []
-    for start in tqdm(range(0, len(texts), chunk), desc=f"encoding {what}", unit="batch",
-                      leave=False):
+    for start in tqdm(
+        range(0, len(texts), chunk), desc=f"encoding {what}", unit="batch", leave=False
+    ):
         parts.append(encoder.encode(texts[start : start + chunk]))
     return np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
 
@@ -315,9 +314,13 @@ def train_model(
         threshold=0.0,
         metrics={},
         encoder=(
-            {"name": features.encoder.name, "dim": features.encoder.dim,
-             "sha256": features.encoder.sha256}
-            if features.encoder is not None else None
+            {
+                "name": features.encoder.name,
+                "dim": features.encoder.dim,
+                "sha256": features.encoder.sha256,
+            }
+            if features.encoder is not None
+            else None
         ),
         training_data_sha256=data_sha,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -330,7 +333,8 @@ def train_model(
     heldout_probs = predict_texts(draft, heldout.texts, held_dense)
     card.threshold = (
         calibrate_threshold(heldout_probs, heldout.labels, labels, oos_label)
-        if threshold == "calibrated" else float(threshold)
+        if threshold == "calibrated"
+        else float(threshold)
     )
     card.metrics = evaluate(heldout_probs, heldout.labels, labels, oos_label, card.threshold)
     card.metrics["train_examples"] = float(len(train))
@@ -339,7 +343,10 @@ def train_model(
 
 
 def predict_texts(
-    classifier, texts: Sequence[str], embeddings: np.ndarray | None = None, batch: int = 256  # type: ignore[no-untyped-def]
+    classifier,
+    texts: Sequence[str],
+    embeddings: np.ndarray | None = None,
+    batch: int = 256,  # type: ignore[no-untyped-def]
 ) -> np.ndarray:
     """Probabilities for many texts, in batches (offline use: training, evaluation, swaps)."""
     if classifier.needs_embedding and embeddings is None:

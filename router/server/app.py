@@ -34,8 +34,9 @@ def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
     ]
 
 
-def new_server(config: ServerConfig, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
-               ) -> grpc.aio.Server:
+def new_server(
+    config: ServerConfig, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+) -> grpc.aio.Server:
     return grpc.aio.server(
         interceptors=list(interceptors),
         options=server_options(config),
@@ -46,8 +47,9 @@ def new_server(config: ServerConfig, interceptors: Sequence[grpc.aio.ServerInter
 class PlexusServer:
     """The Plexus gRPC server: Router and Admin services, health checking and reflection."""
 
-    def __init__(self, loaded: LoadedConfig, router: Router | None = None,
-                 address: str | None = None):
+    def __init__(
+        self, loaded: LoadedConfig, router: Router | None = None, address: str | None = None
+    ):
         self.loaded = loaded
         self.config = loaded.config.server
         self.router = router or Router(loaded)
@@ -55,8 +57,10 @@ class PlexusServer:
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="plexus-work")
         self.server = new_server(self.config, [ApiKeyInterceptor(self.router)])
         self.server.add_generic_rpc_handlers(
-            generic_handlers(RouterServicer(self.router, self.executor),
-                             AdminServicer(self.router, self.executor))
+            generic_handlers(
+                RouterServicer(self.router, self.executor),
+                AdminServicer(self.router, self.executor),
+            )
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -92,7 +92,9 @@ class RouterServicer:
         if not request.requests:
             raise InvalidArgument("the batch is empty")
         if len(request.requests) > limit:
-            raise InvalidArgument(f"the batch has {len(request.requests)} requests; the limit is {limit}")
+            raise InvalidArgument(
+                f"the batch has {len(request.requests)} requests; the limit is {limit}"
+            )
         queries = [query_from_proto(r) for r in request.requests]
         caller = CURRENT_CALLER.get()
         tenant = self.router.tenant(caller)
@@ -110,7 +112,9 @@ class RouterServicer:
             async for data in requests:
                 query = query_from_proto(parse(pb.RouteRequest, data))
                 if tenant.heavy:
-                    decision = await self._off_loop(context, lambda q=query: tenant.decide(q, caller))
+                    decision = await self._off_loop(
+                        context, lambda q=query: tenant.decide(q, caller)
+                    )
                 else:
                     decision = tenant.decide(query, caller)
                 yield decision_to_proto(decision).SerializeToString()
@@ -133,8 +137,11 @@ class AdminServicer:
         return pb.ListModelsResponse(
             models=[
                 pb.ModelInfo(
-                    version=i.version, family=i.family, created_at=i.created_at,
-                    training_data_sha256=i.training_data_sha256, metrics=i.metrics,
+                    version=i.version,
+                    family=i.family,
+                    created_at=i.created_at,
+                    training_data_sha256=i.training_data_sha256,
+                    metrics=i.metrics,
                     active=i.active,
                 )
                 for i in infos
@@ -162,8 +169,9 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-def generic_handlers(router_servicer: RouterServicer,
-                     admin_servicer: AdminServicer) -> list[grpc.GenericRpcHandler]:
+def generic_handlers(
+    router_servicer: RouterServicer, admin_servicer: AdminServicer
+) -> list[grpc.GenericRpcHandler]:
     unary = grpc.unary_unary_rpc_method_handler
     router_methods = {
         "Route": unary(router_servicer.route, _identity, _identity),
