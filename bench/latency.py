@@ -202,6 +202,18 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
                 stream.close()
 
 
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of a process and all its threads (Linux /proc), else None."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            fields = handle.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 # ----------------------------------------------------------------------------- client
 
 
@@ -294,7 +306,7 @@ class ClientPool:
             self.workers.append((process, parent))
 
     def run(self, address: str, api_key: str, payloads: list[bytes], concurrency: int,
-            requests: int) -> dict[str, Any]:
+            requests: int, server_pid: int | None = None) -> dict[str, Any]:
         used = min(len(self.workers), concurrency)
         shares = [concurrency // used + (1 if i < concurrency % used else 0) for i in range(used)]
         counts = [requests * s // concurrency for s in shares]
@@ -319,6 +331,7 @@ class ClientPool:
                 warm_errors[k] = warm_errors.get(k, 0) + v
         if warm_errors and not routes:
             failures.append(f"every warm-up call to {address} failed: {warm_errors}")
+        cpu_before = process_cpu_seconds(server_pid)
         for conn in waiting:  # every start signal goes out at once
             conn.send("go")
         results = []
@@ -328,6 +341,7 @@ class ClientPool:
                 results.append(message[1])
             else:
                 failures.append(message[1])
+        cpu_after = process_cpu_seconds(server_pid)
         if failures:
             raise RuntimeError("the benchmark client failed: " + "; ".join(failures))
         latencies = array("q")
@@ -338,7 +352,10 @@ class ClientPool:
                 errors[k] = errors.get(k, 0) + v
         start = min(r["start"] for r in results)
         end = max(r["end"] for r in results)
+        cpu = (cpu_after - cpu_before
+               if cpu_before is not None and cpu_after is not None else None)
         return {"latencies": latencies, "seconds": (end - start) / 1e9, "errors": errors,
+                "server_cpu_seconds": cpu,
                 "warmup_errors": warm_errors, "routes": sorted(r for r in routes if r)}
 
     def close(self) -> None:
@@ -464,7 +481,8 @@ def _measure(pool: ClientPool, servers: dict[str, ServerProcess], api_key: str,
         for round_index, count in enumerate(counts):
             pair = list(SERVERS) if (round_index + index) % 2 == 0 else list(reversed(SERVERS))
             for kind in pair:
-                run = pool.run(servers[kind].address, api_key, payloads, level, count)
+                run = pool.run(servers[kind].address, api_key, payloads, level, count,
+                               servers[kind].process.pid)
                 collected[kind].append(run)
                 p = percentiles_us(run["latencies"])
                 rate = len(run["latencies"]) / run["seconds"] if run["seconds"] else 0.0
@@ -481,12 +499,21 @@ def _measure(pool: ClientPool, servers: dict[str, ServerProcess], api_key: str,
                 for k, v in run["errors"].items():
                     errors[k] = errors.get(k, 0) + v
             stats = percentiles_us(latencies)
+            cpus = [run["server_cpu_seconds"] for run in runs]
+            cpu_us = (1e6 * sum(cpus) / len(latencies)
+                      if latencies and all(c is not None for c in cpus) else None)
+            round_p50 = [percentiles_us(run["latencies"])["p50"] for run in runs]
+            round_rps = [len(run["latencies"]) / run["seconds"] if run["seconds"] else 0.0
+                         for run in runs]
             rows.append({
                 "server": kind, "concurrency": level, "requests": len(latencies),
                 "errors": errors,
                 "p50_us": stats["p50"], "p99_us": stats["p99"], "p99_9_us": stats["p99_9"],
                 "mean_us": stats["mean"],
                 "rps": len(latencies) / seconds if seconds else 0.0,
+                "server_cpu_us_per_request": cpu_us,
+                "round_p50_us": round_p50,
+                "round_rps": round_rps,
                 "routes_seen": sorted({r for run in runs for r in run["routes"]}),
             })
             if errors:
@@ -507,6 +534,14 @@ def _ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "p99_ratio": plexus["p99_us"] / echo["p99_us"] if echo["p99_us"] else None,
             "throughput_ratio": plexus["rps"] / echo["rps"] if echo["rps"] else None,
             "p50_added_us": plexus["p50_us"] - echo["p50_us"],
+            "server_cpu_ratio": (
+                plexus["server_cpu_us_per_request"] / echo["server_cpu_us_per_request"]
+                if plexus["server_cpu_us_per_request"] and echo["server_cpu_us_per_request"]
+                else None),
+            "server_cpu_added_us": (
+                plexus["server_cpu_us_per_request"] - echo["server_cpu_us_per_request"]
+                if plexus["server_cpu_us_per_request"] is not None
+                and echo["server_cpu_us_per_request"] is not None else None),
         })
     return out
 
@@ -521,18 +556,25 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"{t}: {m['version']} ({m['family']}, {m['labels']} labels, threshold {m['threshold']})"
         for t, m in report["models"].items()
     )
+    def spread(values: list[float]) -> str:
+        return f"{min(values):,.0f}–{max(values):,.0f}" if values else "n/a"
+
     results = markdown_table(
         ["server", "concurrency", "requests", "errors", "p50 µs", "p99 µs", "p99.9 µs",
-         "req/s"],
+         "req/s", "server CPU µs/req", "p50 per round µs", "req/s per round"],
         [[r["server"], r["concurrency"], r["requests"], sum(r["errors"].values()),
-          _fmt(r["p50_us"]), _fmt(r["p99_us"]), _fmt(r["p99_9_us"]), _fmt(r["rps"])]
+          _fmt(r["p50_us"]), _fmt(r["p99_us"]), _fmt(r["p99_9_us"]), _fmt(r["rps"]),
+          _fmt(r["server_cpu_us_per_request"]), spread(r["round_p50_us"]),
+          spread(r["round_rps"])]
          for r in sorted(report["results"], key=lambda r: (r["concurrency"], r["server"]))],
     )
     ratios = markdown_table(
         ["concurrency", "p50 plexus/echo", "p99 plexus/echo", "throughput plexus/echo",
-         "p50 added by Plexus (µs)"],
+         "p50 added by Plexus (µs)", "server CPU plexus/echo", "server CPU added (µs/req)"],
         [[r["concurrency"], _fmt(r["p50_ratio"], 2), _fmt(r["p99_ratio"], 2),
-          _fmt(r["throughput_ratio"], 2), _fmt(r["p50_added_us"])] for r in report["ratios"]],
+          _fmt(r["throughput_ratio"], 2), _fmt(r["p50_added_us"]),
+          _fmt(r["server_cpu_ratio"], 2), _fmt(r["server_cpu_added_us"])]
+         for r in report["ratios"]],
     )
     return f"""# Plexus latency: Route vs a bare gRPC echo server
 
@@ -545,7 +587,10 @@ concurrency level per server, {s["client_processes"]} client processes ({s["clie
 - Model: {models}.
 - Latency is client-observed (send to reply, µs); req/s is the requests over the timed \
 wall-clock span. The client processes, both servers and the OS share this machine's cores, so \
-the echo server's numbers are the floor this client and gRPC's Python stack reach here.
+the echo server's numbers are the floor this client and gRPC's Python stack reach here. \
+"Server CPU µs/req" is the server process's user + system CPU time (all threads, from \
+/proc) over the timed phase divided by the requests: it is less sensitive to core contention \
+than wall-clock numbers. The per-round columns show the spread between the alternating rounds.
 
 ## Latency and throughput
 
