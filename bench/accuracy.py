@@ -61,8 +61,11 @@ def load_clinc(path: Path) -> dict[str, Any]:
     for key in SPLITS:
         texts, labels = [], []
         for i, row in enumerate(data[key]):
-            if (not isinstance(row, list | tuple) or len(row) != 2
-                    or not all(isinstance(x, str) for x in row)):
+            if (
+                not isinstance(row, list | tuple)
+                or len(row) != 2
+                or not all(isinstance(x, str) for x in row)
+            ):
                 raise DataError(f"{path}: {key}[{i}]: expected a [text, intent] pair")
             texts.append(row[0])
             labels.append(row[1])
@@ -90,8 +93,14 @@ def published_files(data_path: Path) -> list[dict[str, Any]]:
         except OSError as exc:
             text = f"(cannot read: {exc.strerror})"
         truncated = len(text) > PUBLISHED_MAX_CHARS
-        found.append({"name": path.name, "path": str(path), "truncated": truncated,
-                      "text": text[:PUBLISHED_MAX_CHARS]})
+        found.append(
+            {
+                "name": path.name,
+                "path": str(path),
+                "truncated": truncated,
+                "text": text[:PUBLISHED_MAX_CHARS],
+            }
+        )
     return found
 
 
@@ -117,13 +126,19 @@ def decision_latency(classifier: Any, texts: list[str]) -> dict[str, Any]:
 
     for text in texts[:LATENCY_WARMUP]:
         once(text)
-    parts = np.array([once(text) for text in tqdm(texts, desc="decision latency", unit="q",
-                                                  leave=False, file=sys.stderr)])
+    parts = np.array(
+        [
+            once(text)
+            for text in tqdm(texts, desc="decision latency", unit="q", leave=False, file=sys.stderr)
+        ]
+    )
     total = parts.sum(axis=1)
     stats = percentiles_us(total)
     return {
         "queries": len(texts),
-        "p50_us": stats["p50"], "p99_us": stats["p99"], "mean_us": stats["mean"],
+        "p50_us": stats["p50"],
+        "p99_us": stats["p99"],
+        "mean_us": stats["mean"],
         "featurize_p50_us": percentiles_us(parts[:, 0])["p50"],
         "encode_p50_us": percentiles_us(parts[:, 1])["p50"] if encoder is not None else None,
         "classify_p50_us": percentiles_us(parts[:, 2])["p50"],
@@ -136,8 +151,11 @@ def best_meeting(curve: list[dict[str, float]], family: str) -> dict[str, float]
     from router.routing.training import OOS_WEIGHT
 
     min_acc, min_recall = TARGETS[family]
-    ok = [p for p in curve
-          if p.get("inscope_accuracy", 0) >= min_acc and p.get("oos_recall", 0) >= min_recall]
+    ok = [
+        p
+        for p in curve
+        if p.get("inscope_accuracy", 0) >= min_acc and p.get("oos_recall", 0) >= min_recall
+    ]
     if not ok:
         return None
     return max(ok, key=lambda p: p["inscope_accuracy"] + OOS_WEIGHT * p["oos_recall"])
@@ -145,8 +163,9 @@ def best_meeting(curve: list[dict[str, float]], family: str) -> dict[str, float]
 
 def meets(metrics: dict[str, float], family: str) -> bool:
     min_acc, min_recall = TARGETS[family]
-    return (metrics.get("inscope_accuracy", 0) >= min_acc
-            and metrics.get("oos_recall", 0) >= min_recall)
+    return (
+        metrics.get("inscope_accuracy", 0) >= min_acc and metrics.get("oos_recall", 0) >= min_recall
+    )
 
 
 def run_family(family: str, splits: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -158,8 +177,9 @@ def run_family(family: str, splits: dict[str, Any], seed: int) -> dict[str, Any]
     test = splits["test"] + splits["oos_test"]
     say(f"[{family}] training on {len(train)} examples, calibrating on {len(heldout)}")
     wall = time.perf_counter()
-    trained = train_model(train, family=family, heldout=heldout, seed=seed,
-                          progress=lambda m: say(f"[{family}] {m}"))
+    trained = train_model(
+        train, family=family, heldout=heldout, seed=seed, progress=lambda m: say(f"[{family}] {m}")
+    )
     wall = time.perf_counter() - wall
     classifier = Classifier(trained.model_bytes, f"clinc-{family}")
     labels = classifier.labels
@@ -215,34 +235,82 @@ def to_markdown(report: dict[str, Any]) -> str:
     d = report["dataset"]
     families = report["families"]
     main_table = markdown_table(
-        ["family", "threshold", "in-scope acc", "oos recall", "oos precision", "macro-F1",
-         "train s", "p50 µs", "p99 µs", "meets targets"],
-        [[f["family"], f"{f['threshold']:.2f}", _pct(f["test_metrics"].get("inscope_accuracy")),
-          _pct(f["test_metrics"].get("oos_recall")), _pct(f["test_metrics"].get("oos_precision")),
-          _pct(f["test_metrics"].get("macro_f1")), f"{f['train_seconds']:.1f}",
-          _us(f["latency"]["p50_us"]), _us(f["latency"]["p99_us"]),
-          "yes" if f["calibrated_meets_targets"] else "no"] for f in families],
+        [
+            "family",
+            "threshold",
+            "in-scope acc",
+            "oos recall",
+            "oos precision",
+            "macro-F1",
+            "train s",
+            "p50 µs",
+            "p99 µs",
+            "meets targets",
+        ],
+        [
+            [
+                f["family"],
+                f"{f['threshold']:.2f}",
+                _pct(f["test_metrics"].get("inscope_accuracy")),
+                _pct(f["test_metrics"].get("oos_recall")),
+                _pct(f["test_metrics"].get("oos_precision")),
+                _pct(f["test_metrics"].get("macro_f1")),
+                f"{f['train_seconds']:.1f}",
+                _us(f["latency"]["p50_us"]),
+                _us(f["latency"]["p99_us"]),
+                "yes" if f["calibrated_meets_targets"] else "no",
+            ]
+            for f in families
+        ],
     )
     target_rows = []
     for f in families:
         best = f["best_point_meeting_targets"]
-        goal = (f"in-scope ≥ {_pct(f['targets']['inscope_accuracy'])}, "
-                f"oos recall ≥ {_pct(f['targets']['oos_recall'])}")
+        goal = (
+            f"in-scope ≥ {_pct(f['targets']['inscope_accuracy'])}, "
+            f"oos recall ≥ {_pct(f['targets']['oos_recall'])}"
+        )
         if best is None:
             target_rows.append([f["family"], goal, "none on the curve", "", "", ""])
         else:
-            target_rows.append([f["family"], goal, f"{best['threshold']:.2f}",
-                                _pct(best["inscope_accuracy"]), _pct(best["oos_recall"]),
-                                _pct(best.get("oos_precision"))])
-    targets = markdown_table(["family", "target", "threshold", "in-scope acc", "oos recall",
-                              "oos precision"], target_rows)
+            target_rows.append(
+                [
+                    f["family"],
+                    goal,
+                    f"{best['threshold']:.2f}",
+                    _pct(best["inscope_accuracy"]),
+                    _pct(best["oos_recall"]),
+                    _pct(best.get("oos_precision")),
+                ]
+            )
+    targets = markdown_table(
+        ["family", "target", "threshold", "in-scope acc", "oos recall", "oos precision"],
+        target_rows,
+    )
     latency = markdown_table(
-        ["family", "queries", "featurize p50 µs", "encode p50 µs", "classify p50 µs",
-         "total p50 µs", "total p99 µs", "native featurizer"],
-        [[f["family"], f["latency"]["queries"], _us(f["latency"]["featurize_p50_us"]),
-          _us(f["latency"]["encode_p50_us"]), _us(f["latency"]["classify_p50_us"]),
-          _us(f["latency"]["p50_us"]), _us(f["latency"]["p99_us"]),
-          f["latency"]["native_featurizer"]] for f in families],
+        [
+            "family",
+            "queries",
+            "featurize p50 µs",
+            "encode p50 µs",
+            "classify p50 µs",
+            "total p50 µs",
+            "total p99 µs",
+            "native featurizer",
+        ],
+        [
+            [
+                f["family"],
+                f["latency"]["queries"],
+                _us(f["latency"]["featurize_p50_us"]),
+                _us(f["latency"]["encode_p50_us"]),
+                _us(f["latency"]["classify_p50_us"]),
+                _us(f["latency"]["p50_us"]),
+                _us(f["latency"]["p99_us"]),
+                f["latency"]["native_featurizer"],
+            ]
+            for f in families
+        ],
     )
     steps = "featurize + classify"
     if any(f["family"] == "accurate" for f in families):
@@ -253,13 +321,20 @@ def to_markdown(report: dict[str, Any]) -> str:
     for f in families:
         for point in f["curve"]:
             if any(abs(point["threshold"] - m) < 0.005 for m in marks):
-                curve_rows.append([f["family"], f"{point['threshold']:.2f}",
-                                   _pct(point.get("inscope_accuracy")),
-                                   _pct(point.get("oos_recall")),
-                                   _pct(point.get("oos_precision")),
-                                   _pct(point.get("macro_f1"))])
-    curve = markdown_table(["family", "threshold", "in-scope acc", "oos recall",
-                            "oos precision", "macro-F1"], curve_rows)
+                curve_rows.append(
+                    [
+                        f["family"],
+                        f"{point['threshold']:.2f}",
+                        _pct(point.get("inscope_accuracy")),
+                        _pct(point.get("oos_recall")),
+                        _pct(point.get("oos_precision")),
+                        _pct(point.get("macro_f1")),
+                    ]
+                )
+    curve = markdown_table(
+        ["family", "threshold", "in-scope acc", "oos recall", "oos precision", "macro-F1"],
+        curve_rows,
+    )
     published = report["published"]
     if published["files"]:
         parts = []
@@ -268,10 +343,12 @@ def to_markdown(report: dict[str, Any]) -> str:
             parts.append(f"### {item['name']}{note}\n\n{_fence(item['text'])}")
         published_md = "\n\n".join(parts)
     else:
-        published_md = (f"No README, Markdown, CSV, TSV or JSON (other than data*.json) files "
-                        f"were found in `{published['folder']}`, so no published results are "
-                        f"shown here; compare by hand with the CLINC150 paper (Larson et al., "
-                        f"EMNLP 2019).")
+        published_md = (
+            f"No README, Markdown, CSV, TSV or JSON (other than data*.json) files "
+            f"were found in `{published['folder']}`, so no published results are "
+            f"shown here; compare by hand with the CLINC150 paper (Larson et al., "
+            f"EMNLP 2019)."
+        )
     return f"""# Plexus accuracy on CLINC150
 
 {machine_markdown(report["machine"])}
@@ -316,12 +393,23 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for f in report["families"]:
         color = colors.get(f["family"])
         points = [p for p in f["curve"] if "oos_recall" in p and "inscope_accuracy" in p]
-        ax.plot([p["oos_recall"] for p in points], [p["inscope_accuracy"] for p in points],
-                "-", color=color, label=f"{f['family']} (thresholds 0–0.99)")
+        ax.plot(
+            [p["oos_recall"] for p in points],
+            [p["inscope_accuracy"] for p in points],
+            "-",
+            color=color,
+            label=f"{f['family']} (thresholds 0–0.99)",
+        )
         m = f["test_metrics"]
         if "oos_recall" in m and "inscope_accuracy" in m:
-            ax.plot([m["oos_recall"]], [m["inscope_accuracy"]], "*", markersize=14, color=color,
-                    label=f"{f['family']} calibrated ({f['threshold']:.2f})")
+            ax.plot(
+                [m["oos_recall"]],
+                [m["inscope_accuracy"]],
+                "*",
+                markersize=14,
+                color=color,
+                label=f"{f['family']} calibrated ({f['threshold']:.2f})",
+            )
         min_acc, min_recall = TARGETS[f["family"]]
         ax.axhline(min_acc, color=color, linestyle=":", linewidth=1)
         ax.axvline(min_recall, color=color, linestyle=":", linewidth=1)
@@ -329,8 +417,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("out-of-scope recall")
     ax.set_ylabel("in-scope accuracy (abstention = error)")
     ax.set_xlim(0, 1.01)
-    ax.set_title("CLINC150 test: in-scope accuracy vs out-of-scope recall\n"
-                 "(dotted lines / shaded: the family's targets)")
+    ax.set_title(
+        "CLINC150 test: in-scope accuracy vs out-of-scope recall\n"
+        "(dotted lines / shaded: the family's targets)"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
@@ -343,8 +433,10 @@ def main(args: argparse.Namespace) -> int:
     families = list(dict.fromkeys(args.families))
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
-        print(f"plexus bench accuracy: error: unknown families {unknown} "
-              f"(have {list(FAMILIES)})", file=sys.stderr)
+        print(
+            f"plexus bench accuracy: error: unknown families {unknown} (have {list(FAMILIES)})",
+            file=sys.stderr,
+        )
         return 2
     try:
         splits = load_clinc(data_path)
@@ -358,11 +450,16 @@ def main(args: argparse.Namespace) -> int:
         "suite": "accuracy",
         "machine": machine_facts(),
         "seed": args.seed,
-        "dataset": {"path": str(data_path), "intents": len(intents),
-                    **{key: len(splits[key]) for key in SPLITS}},
+        "dataset": {
+            "path": str(data_path),
+            "intents": len(intents),
+            **{key: len(splits[key]) for key in SPLITS},
+        },
         "families": results,
-        "published": {"folder": str(data_path.resolve().parent),
-                      "files": published_files(data_path)},
+        "published": {
+            "folder": str(data_path.resolve().parent),
+            "files": published_files(data_path),
+        },
         "seconds": round(time.monotonic() - started, 1),
     }
     out = Path(args.out)

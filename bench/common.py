@@ -81,29 +81,41 @@ def machine_markdown(facts: dict[str, Any]) -> str:
     cores = f"{facts['cpu_cores']}"
     if facts.get("cpu_cores_usable") not in (None, facts["cpu_cores"]):
         cores += f" ({facts['cpu_cores_usable']} usable by this process)"
-    return "\n".join([
-        f"- Date: {facts['date']}",
-        f"- CPU: {facts['cpu_model']}, {cores} cores",
-        f"- Memory: {facts['memory_gib']} GiB",
-        f"- OS: {facts['os']}",
-        f"- Python {facts['python']}; {packages}",
-    ])
+    return "\n".join(
+        [
+            f"- Date: {facts['date']}",
+            f"- CPU: {facts['cpu_model']}, {cores} cores",
+            f"- Memory: {facts['memory_gib']} GiB",
+            f"- OS: {facts['os']}",
+            f"- Python {facts['python']}; {packages}",
+        ]
+    )
 
 
 def percentiles_us(samples_ns: Sequence[int] | np.ndarray) -> dict[str, float]:
     """p50 / p99 / p99.9 and mean of nanosecond samples, in microseconds."""
     values = np.asarray(samples_ns, dtype=np.float64) / 1000.0
     if values.size == 0:
-        return {"p50": float("nan"), "p99": float("nan"), "p99_9": float("nan"),
-                "mean": float("nan")}
+        return {
+            "p50": float("nan"),
+            "p99": float("nan"),
+            "p99_9": float("nan"),
+            "mean": float("nan"),
+        }
     p50, p99, p999 = np.percentile(values, [50, 99, 99.9])
-    return {"p50": float(p50), "p99": float(p99), "p99_9": float(p999),
-            "mean": float(values.mean())}
+    return {
+        "p50": float(p50),
+        "p99": float(p99),
+        "p99_9": float(p999),
+        "mean": float(values.mean()),
+    }
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|",
+    ]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 

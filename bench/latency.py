@@ -168,7 +168,10 @@ def start_server(kind: str, config_path: Path) -> subprocess.Popen[bytes]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     return subprocess.Popen(
         [sys.executable, "-m", "bench.latency", "serve", kind, str(config_path)],
-        cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
     )
 
 
@@ -228,8 +231,9 @@ class Job:
     offset: int
 
 
-async def _drive(call: Any, job: Job, count: int, latencies: array | None,
-                 errors: dict[str, int]) -> bytes | None:
+async def _drive(
+    call: Any, job: Job, count: int, latencies: array | None, errors: dict[str, int]
+) -> bytes | None:
     metadata = (("x-api-key", job.api_key),)
     payloads = job.payloads
     state = {"next": 0, "sample": None}
@@ -305,17 +309,24 @@ class ClientPool:
             child.close()
             self.workers.append((process, parent))
 
-    def run(self, address: str, api_key: str, payloads: list[bytes], concurrency: int,
-            requests: int, server_pid: int | None = None) -> dict[str, Any]:
+    def run(
+        self,
+        address: str,
+        api_key: str,
+        payloads: list[bytes],
+        concurrency: int,
+        requests: int,
+        server_pid: int | None = None,
+    ) -> dict[str, Any]:
         used = min(len(self.workers), concurrency)
         shares = [concurrency // used + (1 if i < concurrency % used else 0) for i in range(used)]
         counts = [requests * s // concurrency for s in shares]
         counts[0] += requests - sum(counts)
-        for i, ((_, conn), share, count) in enumerate(zip(self.workers, shares, counts,
-                                                          strict=False)):
+        for i, ((_, conn), share, count) in enumerate(
+            zip(self.workers, shares, counts, strict=False)
+        ):
             warmup = max(4 * share, count // 5, 20)
-            conn.send(Job(address, api_key, payloads, share, count, warmup,
-                          offset=i * 7))
+            conn.send(Job(address, api_key, payloads, share, count, warmup, offset=i * 7))
         routes: set[str] = set()
         warm_errors: dict[str, int] = {}
         waiting, failures = [], []
@@ -352,11 +363,15 @@ class ClientPool:
                 errors[k] = errors.get(k, 0) + v
         start = min(r["start"] for r in results)
         end = max(r["end"] for r in results)
-        cpu = (cpu_after - cpu_before
-               if cpu_before is not None and cpu_after is not None else None)
-        return {"latencies": latencies, "seconds": (end - start) / 1e9, "errors": errors,
-                "server_cpu_seconds": cpu,
-                "warmup_errors": warm_errors, "routes": sorted(r for r in routes if r)}
+        cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
+        return {
+            "latencies": latencies,
+            "seconds": (end - start) / 1e9,
+            "errors": errors,
+            "server_cpu_seconds": cpu,
+            "warmup_errors": warm_errors,
+            "routes": sorted(r for r in routes if r),
+        }
 
     def close(self) -> None:
         for _, conn in self.workers:
@@ -398,8 +413,11 @@ def prepare_config(config_path: Path, workdir: Path) -> tuple[Path, dict[str, An
         result = train_tenant(loaded, tenant, family="fast", progress=say)
         card = result.trained.card
         models[tenant] = {
-            "version": result.version, "family": card.family, "labels": len(card.labels),
-            "threshold": card.threshold, "train_seconds": round(result.trained.seconds, 2),
+            "version": result.version,
+            "family": card.family,
+            "labels": len(card.labels),
+            "threshold": card.threshold,
+            "train_seconds": round(result.trained.seconds, 2),
             "heldout_inscope_accuracy": card.metrics.get("inscope_accuracy"),
         }
     return copy, models
@@ -443,8 +461,10 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             for kind in SERVERS:
                 processes[kind] = start_server(kind, config_copy)
             pool = ClientPool(args.processes)
-            servers = {kind: ServerProcess(kind, p, wait_for_port(kind, p))
-                       for kind, p in processes.items()}
+            servers = {
+                kind: ServerProcess(kind, p, wait_for_port(kind, p))
+                for kind, p in processes.items()
+            }
             rows = _measure(pool, servers, api_key, payloads, levels, args.requests)
         finally:
             if pool is not None:
@@ -455,13 +475,16 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         "suite": "latency",
         "machine": machine_facts(),
         "settings": {
-            "config": str(args.config), "app": app, "requests_per_level": args.requests,
-            "concurrency": levels, "client_processes": args.processes,
+            "config": str(args.config),
+            "app": app,
+            "requests_per_level": args.requests,
+            "concurrency": levels,
+            "client_processes": args.processes,
             "queries": len(QUERIES),
             "query_words_mean": round(sum(len(q.split()) for q in QUERIES) / len(QUERIES), 1),
             "order": f"per level, {ROUNDS} rounds per server alternating in ABBA order (echo, "
-                     "plexus, plexus, echo, ...; the next level starts with plexus), each round "
-                     f"1/{ROUNDS} of the requests on fresh connections after its own warm-up",
+            "plexus, plexus, echo, ...; the next level starts with plexus), each round "
+            f"1/{ROUNDS} of the requests on fresh connections after its own warm-up",
             "client": "grpc.aio, one channel per client process, pre-serialized requests",
         },
         "models": models,
@@ -471,8 +494,14 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _measure(pool: ClientPool, servers: dict[str, ServerProcess], api_key: str,
-             payloads: list[bytes], levels: list[int], requests: int) -> list[dict[str, Any]]:
+def _measure(
+    pool: ClientPool,
+    servers: dict[str, ServerProcess],
+    api_key: str,
+    payloads: list[bytes],
+    levels: list[int],
+    requests: int,
+) -> list[dict[str, Any]]:
     rows = []
     for index, level in enumerate(levels):
         rounds = max(1, min(ROUNDS, requests))
@@ -481,13 +510,21 @@ def _measure(pool: ClientPool, servers: dict[str, ServerProcess], api_key: str,
         for round_index, count in enumerate(counts):
             pair = list(SERVERS) if (round_index + index) % 2 == 0 else list(reversed(SERVERS))
             for kind in pair:
-                run = pool.run(servers[kind].address, api_key, payloads, level, count,
-                               servers[kind].process.pid)
+                run = pool.run(
+                    servers[kind].address,
+                    api_key,
+                    payloads,
+                    level,
+                    count,
+                    servers[kind].process.pid,
+                )
                 collected[kind].append(run)
                 p = percentiles_us(run["latencies"])
                 rate = len(run["latencies"]) / run["seconds"] if run["seconds"] else 0.0
-                say(f"c={level:<4d} {kind:6s} round {round_index + 1}/{rounds}: {count} "
-                    f"requests, p50 {p['p50']:.0f} us, {rate:.0f} req/s")
+                say(
+                    f"c={level:<4d} {kind:6s} round {round_index + 1}/{rounds}: {count} "
+                    f"requests, p50 {p['p50']:.0f} us, {rate:.0f} req/s"
+                )
         for kind in SERVERS:
             runs = collected[kind]
             latencies = array("q")
@@ -500,22 +537,32 @@ def _measure(pool: ClientPool, servers: dict[str, ServerProcess], api_key: str,
                     errors[k] = errors.get(k, 0) + v
             stats = percentiles_us(latencies)
             cpus = [run["server_cpu_seconds"] for run in runs]
-            cpu_us = (1e6 * sum(cpus) / len(latencies)
-                      if latencies and all(c is not None for c in cpus) else None)
+            cpu_us = (
+                1e6 * sum(cpus) / len(latencies)
+                if latencies and all(c is not None for c in cpus)
+                else None
+            )
             round_p50 = [percentiles_us(run["latencies"])["p50"] for run in runs]
-            round_rps = [len(run["latencies"]) / run["seconds"] if run["seconds"] else 0.0
-                         for run in runs]
-            rows.append({
-                "server": kind, "concurrency": level, "requests": len(latencies),
-                "errors": errors,
-                "p50_us": stats["p50"], "p99_us": stats["p99"], "p99_9_us": stats["p99_9"],
-                "mean_us": stats["mean"],
-                "rps": len(latencies) / seconds if seconds else 0.0,
-                "server_cpu_us_per_request": cpu_us,
-                "round_p50_us": round_p50,
-                "round_rps": round_rps,
-                "routes_seen": sorted({r for run in runs for r in run["routes"]}),
-            })
+            round_rps = [
+                len(run["latencies"]) / run["seconds"] if run["seconds"] else 0.0 for run in runs
+            ]
+            rows.append(
+                {
+                    "server": kind,
+                    "concurrency": level,
+                    "requests": len(latencies),
+                    "errors": errors,
+                    "p50_us": stats["p50"],
+                    "p99_us": stats["p99"],
+                    "p99_9_us": stats["p99_9"],
+                    "mean_us": stats["mean"],
+                    "rps": len(latencies) / seconds if seconds else 0.0,
+                    "server_cpu_us_per_request": cpu_us,
+                    "round_p50_us": round_p50,
+                    "round_rps": round_rps,
+                    "routes_seen": sorted({r for run in runs for r in run["routes"]}),
+                }
+            )
             if errors:
                 say(f"warning: {kind} at c={level}: errors {errors}")
     return rows
@@ -528,21 +575,26 @@ def _ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         plexus, echo = by_key.get(("plexus", level)), by_key.get(("echo", level))
         if not plexus or not echo:
             continue
-        out.append({
-            "concurrency": level,
-            "p50_ratio": plexus["p50_us"] / echo["p50_us"] if echo["p50_us"] else None,
-            "p99_ratio": plexus["p99_us"] / echo["p99_us"] if echo["p99_us"] else None,
-            "throughput_ratio": plexus["rps"] / echo["rps"] if echo["rps"] else None,
-            "p50_added_us": plexus["p50_us"] - echo["p50_us"],
-            "server_cpu_ratio": (
-                plexus["server_cpu_us_per_request"] / echo["server_cpu_us_per_request"]
-                if plexus["server_cpu_us_per_request"] and echo["server_cpu_us_per_request"]
-                else None),
-            "server_cpu_added_us": (
-                plexus["server_cpu_us_per_request"] - echo["server_cpu_us_per_request"]
-                if plexus["server_cpu_us_per_request"] is not None
-                and echo["server_cpu_us_per_request"] is not None else None),
-        })
+        out.append(
+            {
+                "concurrency": level,
+                "p50_ratio": plexus["p50_us"] / echo["p50_us"] if echo["p50_us"] else None,
+                "p99_ratio": plexus["p99_us"] / echo["p99_us"] if echo["p99_us"] else None,
+                "throughput_ratio": plexus["rps"] / echo["rps"] if echo["rps"] else None,
+                "p50_added_us": plexus["p50_us"] - echo["p50_us"],
+                "server_cpu_ratio": (
+                    plexus["server_cpu_us_per_request"] / echo["server_cpu_us_per_request"]
+                    if plexus["server_cpu_us_per_request"] and echo["server_cpu_us_per_request"]
+                    else None
+                ),
+                "server_cpu_added_us": (
+                    plexus["server_cpu_us_per_request"] - echo["server_cpu_us_per_request"]
+                    if plexus["server_cpu_us_per_request"] is not None
+                    and echo["server_cpu_us_per_request"] is not None
+                    else None
+                ),
+            }
+        )
     return out
 
 
@@ -556,25 +608,63 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"{t}: {m['version']} ({m['family']}, {m['labels']} labels, threshold {m['threshold']})"
         for t, m in report["models"].items()
     )
+
     def spread(values: list[float]) -> str:
         return f"{min(values):,.0f}–{max(values):,.0f}" if values else "n/a"
 
     results = markdown_table(
-        ["server", "concurrency", "requests", "errors", "p50 µs", "p99 µs", "p99.9 µs",
-         "req/s", "server CPU µs/req", "p50 per round µs", "req/s per round"],
-        [[r["server"], r["concurrency"], r["requests"], sum(r["errors"].values()),
-          _fmt(r["p50_us"]), _fmt(r["p99_us"]), _fmt(r["p99_9_us"]), _fmt(r["rps"]),
-          _fmt(r["server_cpu_us_per_request"]), spread(r["round_p50_us"]),
-          spread(r["round_rps"])]
-         for r in sorted(report["results"], key=lambda r: (r["concurrency"], r["server"]))],
+        [
+            "server",
+            "concurrency",
+            "requests",
+            "errors",
+            "p50 µs",
+            "p99 µs",
+            "p99.9 µs",
+            "req/s",
+            "server CPU µs/req",
+            "p50 per round µs",
+            "req/s per round",
+        ],
+        [
+            [
+                r["server"],
+                r["concurrency"],
+                r["requests"],
+                sum(r["errors"].values()),
+                _fmt(r["p50_us"]),
+                _fmt(r["p99_us"]),
+                _fmt(r["p99_9_us"]),
+                _fmt(r["rps"]),
+                _fmt(r["server_cpu_us_per_request"]),
+                spread(r["round_p50_us"]),
+                spread(r["round_rps"]),
+            ]
+            for r in sorted(report["results"], key=lambda r: (r["concurrency"], r["server"]))
+        ],
     )
     ratios = markdown_table(
-        ["concurrency", "p50 plexus/echo", "p99 plexus/echo", "throughput plexus/echo",
-         "p50 added by Plexus (µs)", "server CPU plexus/echo", "server CPU added (µs/req)"],
-        [[r["concurrency"], _fmt(r["p50_ratio"], 2), _fmt(r["p99_ratio"], 2),
-          _fmt(r["throughput_ratio"], 2), _fmt(r["p50_added_us"]),
-          _fmt(r["server_cpu_ratio"], 2), _fmt(r["server_cpu_added_us"])]
-         for r in report["ratios"]],
+        [
+            "concurrency",
+            "p50 plexus/echo",
+            "p99 plexus/echo",
+            "throughput plexus/echo",
+            "p50 added by Plexus (µs)",
+            "server CPU plexus/echo",
+            "server CPU added (µs/req)",
+        ],
+        [
+            [
+                r["concurrency"],
+                _fmt(r["p50_ratio"], 2),
+                _fmt(r["p99_ratio"], 2),
+                _fmt(r["throughput_ratio"], 2),
+                _fmt(r["p50_added_us"]),
+                _fmt(r["server_cpu_ratio"], 2),
+                _fmt(r["server_cpu_added_us"]),
+            ]
+            for r in report["ratios"]
+        ],
     )
     return f"""# Plexus latency: Route vs a bare gRPC echo server
 
@@ -613,8 +703,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for kind in SERVERS:
         rows = {r["concurrency"]: r for r in report["results"] if r["server"] == kind}
         for key, style in styles.items():
-            left.plot(levels, [rows[c][key] for c in levels], style, marker="o",
-                      color=colors[kind], label=f"{kind} {key[:-3].replace('_', '.')}")
+            left.plot(
+                levels,
+                [rows[c][key] for c in levels],
+                style,
+                marker="o",
+                color=colors[kind],
+                label=f"{kind} {key[:-3].replace('_', '.')}",
+            )
     left.set_xscale("log", base=2)
     left.set_yscale("log")
     left.set_xticks(levels, [str(c) for c in levels])
@@ -626,15 +722,21 @@ def plot(report: dict[str, Any], path: Path) -> None:
     xs = range(len(levels))
     for offset, kind in ((-width / 2, "echo"), (width / 2, "plexus")):
         rows = {r["concurrency"]: r for r in report["results"] if r["server"] == kind}
-        right.bar([x + offset for x in xs], [rows[c]["rps"] for c in levels], width,
-                  color=colors[kind], label=kind)
+        right.bar(
+            [x + offset for x in xs],
+            [rows[c]["rps"] for c in levels],
+            width,
+            color=colors[kind],
+            label=kind,
+        )
     right.set_xticks(list(xs), [str(c) for c in levels])
     right.set_xlabel("concurrent in-flight requests")
     right.set_ylabel("requests per second")
     right.set_title("Throughput")
     right.legend()
-    fig.suptitle(f"Plexus vs echo, {report['machine']['cpu_model']}, "
-                 f"{report['machine']['cpu_cores']} cores")
+    fig.suptitle(
+        f"Plexus vs echo, {report['machine']['cpu_model']}, {report['machine']['cpu_cores']} cores"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -657,5 +759,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "serve" and sys.argv[2] in SERVERS:
         asyncio.run(_serve(sys.argv[2], Path(sys.argv[3])))
     else:
-        raise SystemExit("usage: python -m bench.latency serve {echo,plexus} CONFIG "
-                         "(use `plexus bench latency` to run the benchmark)")
+        raise SystemExit(
+            "usage: python -m bench.latency serve {echo,plexus} CONFIG "
+            "(use `plexus bench latency` to run the benchmark)"
+        )

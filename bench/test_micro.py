@@ -22,8 +22,9 @@ from router.routing.training import train_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "examples" / "retail" / "plexus.yaml"
-QUERY = ("hi, is the 65 inch samsung qled tv still in stock at store 1432 or should I just "
-         "order online")
+QUERY = (
+    "hi, is the 65 inch samsung qled tv still in stock at store 1432 or should I just order online"
+)
 assert len(QUERY.split()) == 20
 
 
@@ -91,8 +92,9 @@ def identity_session() -> ort.InferenceSession:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(model.SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
 
 
 def test_ort_identity_floor(benchmark, identity_session: ort.InferenceSession) -> None:  # type: ignore[no-untyped-def]

@@ -39,7 +39,7 @@ def demo_config_data(model_dir: Path) -> dict:
     data["tenants"]["wholesale"] = {
         "api_keys": [{"name": "w", "sha256": hash_api_key(OTHER_TENANT_KEY)}],
         "apps": {"buyers": {}},
-        "model": {"fallback_route": "other", "buckets_log2": 12},
+        "model": {"fallback_route": "other", "buckets_log2": 12, "family": "accurate"},
         "routes": [
             {
                 "name": "pricing",

@@ -153,3 +153,25 @@ def test_read_examples_jsonl_and_csv(tmp_path: Path):
     broken.write_text("{not json\n")
     with pytest.raises(DatasetError, match="line 1: not JSON"):
         read_examples(broken)
+
+
+def test_accurate_family_adds_the_sentence_encoder():
+    from router.routing.encoder import ENCODER_NAME, shared_encoder
+
+    trained = train_model(
+        small_examples(),
+        family="accurate",
+        featurizer_params=PARAMS,
+        seed=0,
+        heldout_fraction=0.4,
+    )
+    assert trained.card.encoder["name"] == ENCODER_NAME
+    assert trained.card.encoder["dim"] == 384
+    classifier = Classifier(trained.model_bytes, "acc")
+    assert classifier.needs_embedding
+    texts = ["has my parcel shipped", "are you open on sunday"]
+    embedding = shared_encoder().encode(texts)
+    assert embedding.shape == (2, 384)
+    assert np.allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-4)
+    probs, _ = classifier.predict(classifier.featurizer.featurize_batch(texts), embedding)
+    assert [classifier.labels[i] for i in probs.argmax(axis=1)] == ["order_status", "store_hours"]
