@@ -24,7 +24,12 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from router.routing.featurizer import Featurizer, FeaturizerParams
+from router.routing.featurizer import USING_NATIVE, Featurizer, FeaturizerParams
+
+if USING_NATIVE:
+    from router._native.linear_head import linear_head_probs as _linear_head_probs
+else:
+    from router.routing.linear_head_ref import linear_head_probs as _linear_head_probs
 
 CONTRACT_VERSION = "1"
 REQUIRED_METADATA = (
@@ -120,6 +125,33 @@ class ModelCard:
         )
 
 
+def _linear_nodes(dense: bool) -> list[onnx.NodeProto]:
+    """The graph of a Plexus linear head (``dense``: with the encoder's embedding input)."""
+    nodes = [
+        helper.make_node("Gather", ["remap", "ids"], ["rows"], axis=0),
+        helper.make_node("Gather", ["weights", "rows"], ["gathered"], axis=0),
+        helper.make_node("ReduceSum", ["gathered", "axis1"], ["summed"], keepdims=0),
+        helper.make_node("Less", ["ids", "pad_id"], ["real"]),
+        helper.make_node("Cast", ["real"], ["real_f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["real_f", "axis1"], ["count"], keepdims=1),
+        helper.make_node("Max", ["count", "one"], ["count1"]),
+        helper.make_node("Sqrt", ["count1"], ["norm"]),
+        helper.make_node("Div", ["summed", "norm"], ["sparse_logits"]),
+    ]
+    logits = "sparse_logits"
+    if dense:
+        nodes += [
+            helper.make_node("MatMul", ["embedding", "dense_weights"], ["dense_logits"]),
+            helper.make_node("Add", ["sparse_logits", "dense_logits"], ["all_logits"]),
+        ]
+        logits = "all_logits"
+    return [
+        *nodes,
+        helper.make_node("Add", [logits, "bias"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+    ]
+
+
 def build_linear_onnx(
     sparse_weights: np.ndarray,
     bias: np.ndarray,
@@ -129,7 +161,7 @@ def build_linear_onnx(
     """Serialise a trained head: softmax(sum(W[ids]) / sqrt(n_ids) [+ embedding @ E] + b).
 
     ``sparse_weights`` is ``[buckets, classes]``; only rows that training touched are stored,
-    behind an int32 remap table, so the file grows with the vocabulary seen, not the buckets.
+    behind an int64 remap table, so the file grows with the vocabulary seen, not the buckets.
     """
     buckets, classes = sparse_weights.shape
     used = np.flatnonzero(np.any(sparse_weights != 0, axis=1))
@@ -146,19 +178,8 @@ def build_linear_onnx(
         numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
         numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
     ]
-    nodes = [
-        helper.make_node("Gather", ["remap", "ids"], ["rows"], axis=0),
-        helper.make_node("Gather", ["weights", "rows"], ["gathered"], axis=0),
-        helper.make_node("ReduceSum", ["gathered", "axis1"], ["summed"], keepdims=0),
-        helper.make_node("Less", ["ids", "pad_id"], ["real"]),
-        helper.make_node("Cast", ["real"], ["real_f"], to=TensorProto.FLOAT),
-        helper.make_node("ReduceSum", ["real_f", "axis1"], ["count"], keepdims=1),
-        helper.make_node("Max", ["count", "one"], ["count1"]),
-        helper.make_node("Sqrt", ["count1"], ["norm"]),
-        helper.make_node("Div", ["summed", "norm"], ["sparse_logits"]),
-    ]
+    nodes = _linear_nodes(dense=dense_weights is not None)
     inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "length"])]
-    logits = "sparse_logits"
     if dense_weights is not None:
         inputs.append(
             helper.make_tensor_value_info(
@@ -166,15 +187,6 @@ def build_linear_onnx(
             )
         )
         inits.append(numpy_helper.from_array(dense_weights.astype(np.float32), "dense_weights"))
-        nodes += [
-            helper.make_node("MatMul", ["embedding", "dense_weights"], ["dense_logits"]),
-            helper.make_node("Add", ["sparse_logits", "dense_logits"], ["all_logits"]),
-        ]
-        logits = "all_logits"
-    nodes += [
-        helper.make_node("Add", [logits, "bias"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
-    ]
     graph = helper.make_graph(
         nodes,
         "plexus_router",
@@ -191,6 +203,54 @@ def build_linear_onnx(
     return model.SerializeToString()
 
 
+class NativeLinearHead:
+    """The fast family's graph run by the native kernel (numpy reference without extensions).
+
+    Used only for files whose graph is exactly the one ``build_linear_onnx`` writes without an
+    embedding input; any other contract-compliant file runs in onnxruntime.
+    """
+
+    def __init__(self, remap: np.ndarray, weights: np.ndarray, bias: np.ndarray, pad_id: int):
+        self.remap = np.ascontiguousarray(remap, dtype=np.int64)
+        self.weights = np.ascontiguousarray(weights, dtype=np.float32)
+        self.bias = np.ascontiguousarray(bias.reshape(-1), dtype=np.float32)
+        self.pad_id = int(pad_id)
+        if len(self.remap) != self.pad_id + 1 or len(self.bias) != self.weights.shape[1]:
+            raise ModelContractError("inconsistent linear head tensors")
+        if self.remap.min() < 0 or self.remap.max() >= len(self.weights):
+            raise ModelContractError("the remap table points outside the weights")
+
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto) -> NativeLinearHead | None:
+        graph = model.graph
+        if [i.name for i in graph.input] != ["ids"] or _node_signature(graph.node) != (
+            _node_signature(_linear_nodes(dense=False))
+        ):
+            return None
+        tensors = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        if not {"remap", "weights", "bias", "pad_id", "axis1", "one"} <= set(tensors):
+            return None
+        if tensors["axis1"].tolist() != [1] or float(tensors["one"]) != 1.0:
+            return None
+        return cls(tensors["remap"], tensors["weights"], tensors["bias"], int(tensors["pad_id"]))
+
+    def probs(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        return _linear_head_probs(ids, self.remap, self.weights, self.bias, self.pad_id)
+
+
+def _node_signature(nodes) -> list[tuple]:  # type: ignore[no-untyped-def]
+    return [
+        (
+            n.op_type,
+            list(n.input),
+            list(n.output),
+            sorted(a.SerializeToString() for a in n.attribute),
+        )
+        for n in nodes
+    ]
+
+
 def _session(model_bytes: bytes, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -204,7 +264,12 @@ class Classifier:
     """``predict(ids[, embedding]) -> (probs, version)`` over one loaded routing model."""
 
     def __init__(
-        self, model_bytes: bytes, version: str, source: str = "<memory>", threads: int = 1
+        self,
+        model_bytes: bytes,
+        version: str,
+        source: str = "<memory>",
+        threads: int = 1,
+        native_head: bool = True,
     ):
         self.version = version
         self.source = source
@@ -219,6 +284,25 @@ class Classifier:
         self.labels = self.card.labels
         self.needs_embedding = self.card.encoder is not None
         self._output = ["probs"]
+        self.native_head = None
+        if native_head and not self.needs_embedding:
+            self.native_head = NativeLinearHead.from_model(onnx.load_from_string(model_bytes))
+        self._check_output(source)
+
+    def _check_output(self, source: str) -> None:
+        """One prediction on padding: the output must be one probability per label."""
+        ids = np.full((1, 1), self.featurizer.pad_id, dtype=np.int64)
+        embedding = None
+        if self.needs_embedding:
+            embedding = np.zeros((1, int(self.card.encoder.get("dim", 0))), dtype=np.float32)
+        try:
+            probs, _ = self.predict(ids, embedding)
+        except Exception as exc:  # onnxruntime raises several unrelated exception types
+            raise ModelContractError(f"{source}: a test prediction failed: {exc}") from None
+        if probs.shape != (1, len(self.labels)):
+            raise ModelContractError(
+                f"{source}: 'probs' has shape {probs.shape}; expected (1, {len(self.labels)})"
+            )
 
     def _check_signature(self, source: str) -> None:
         inputs = {i.name: i for i in self._session.get_inputs()}
@@ -248,6 +332,8 @@ class Classifier:
         self, ids: np.ndarray, embedding: np.ndarray | None = None
     ) -> tuple[np.ndarray, str]:
         """Probabilities ``[batch, labels]`` for padded ids ``[batch, length]``."""
+        if self.native_head is not None:
+            return self.native_head.probs(ids), self.version
         feeds = {"ids": ids}
         if self.needs_embedding:
             feeds["embedding"] = embedding

@@ -7,6 +7,7 @@ active model finishes on that version while new requests see the new one.
 
 from __future__ import annotations
 
+import heapq
 import hmac
 import logging
 import threading
@@ -120,12 +121,10 @@ class ServingModel:
             dict(routes[lab].metadata) if lab in routes else {} for lab in labels
         ]
         in_scope = [i for i, label in enumerate(labels) if label in routes]
-        self.app_labels: dict[str, np.ndarray] = {}
+        self.app_labels: dict[str, tuple[int, ...]] = {}
         for app_name, app in tenant.apps.items():
             allowed = set(app.routes) if app.routes is not None else set(routes)
-            self.app_labels[app_name] = np.array(
-                [i for i in in_scope if labels[i] in allowed], dtype=np.int64
-            )
+            self.app_labels[app_name] = tuple(i for i in in_scope if labels[i] in allowed)
 
     def probabilities(self, texts: Sequence[str], ids: np.ndarray) -> np.ndarray:
         embedding = None
@@ -248,19 +247,13 @@ class TenantRouter:
         route_us: int,
         classified_ns: int,
     ) -> RouteDecision:
-        allowed = model.app_labels[query.app]
-        allowed_probs = probs[allowed]
-        order = np.argsort(-allowed_probs, kind="stable")[: self.top_k]
-        best = int(allowed[order[0]]) if len(order) else -1
-        confidence = float(allowed_probs[order[0]]) if len(order) else 0.0
-        oos_prob = float(probs[model.oos_index]) if model.oos_index >= 0 else 0.0
+        values = probs.tolist()  # a few labels: plain Python beats numpy's per-call cost
+        ranked = heapq.nlargest(self.top_k, model.app_labels[query.app], key=values.__getitem__)
+        best = ranked[0] if ranked else -1
+        confidence = values[best] if ranked else 0.0
+        oos_prob = values[model.oos_index] if model.oos_index >= 0 else 0.0
         abstained = best < 0 or confidence < model.threshold or oos_prob > confidence
-        alternatives = [
-            Alternative(
-                model.labels[allowed[j]], model.targets[allowed[j]], float(allowed_probs[j])
-            )
-            for j in order
-        ]
+        alternatives = [Alternative(model.labels[i], model.targets[i], values[i]) for i in ranked]
         if abstained:
             route, target, meta = self.fallback_route, self.fallback_target, self.fallback_metadata
         else:

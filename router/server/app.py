@@ -16,7 +16,6 @@ from grpc_reflection.v1alpha import reflection
 from router._generated.plexus.v1 import plexus_pb2 as pb
 from router.config import LoadedConfig, ServerConfig
 from router.routing.service import Router
-from router.server.auth import ApiKeyInterceptor
 from router.server.servicers import AdminServicer, RouterServicer, generic_handlers
 
 log = logging.getLogger("plexus.server")
@@ -55,7 +54,7 @@ class PlexusServer:
         self.router = router or Router(loaded)
         self.address = address or self.config.address
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="plexus-work")
-        self.server = new_server(self.config, [ApiKeyInterceptor(self.router)])
+        self.server = new_server(self.config)
         self.server.add_generic_rpc_handlers(
             generic_handlers(
                 RouterServicer(self.router, self.executor),

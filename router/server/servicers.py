@@ -17,8 +17,8 @@ from google.protobuf.message import DecodeError, Message
 
 from router._generated.plexus.v1 import plexus_pb2 as pb
 from router.errors import InvalidArgument, PlexusError
-from router.routing.service import Router, TenantRouter
-from router.server.auth import CURRENT_CALLER
+from router.routing.service import Caller, Router
+from router.server.auth import api_key_from_metadata
 from router.server.convert import decision_to_proto, query_from_proto, status_to_proto
 
 log = logging.getLogger("plexus.server")
@@ -42,15 +42,19 @@ async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server logged it")
 
 
-def mapped(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Map domain errors to gRPC status codes; anything else is INTERNAL, logged once."""
+def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Wrap a unary method: deadline check, API key -> caller, domain errors -> status codes.
+
+    Anything that is not a domain error becomes INTERNAL, logged once, never a stack trace.
+    """
 
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before work")
         try:
-            return await method(self, request, context)
+            caller = self.router.authenticate(api_key_from_metadata(context.invocation_metadata()))
+            return await method(self, caller, request, context)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a trace
@@ -65,19 +69,15 @@ class RouterServicer:
         self.router = router
         self.executor = executor
 
-    def _tenant(self) -> TenantRouter:
-        return self.router.tenant(CURRENT_CALLER.get())
-
     async def _off_loop(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
         """Run a dense-encoder decision in the bounded executor, within the call's deadline."""
         remaining = context.time_remaining()
         future = asyncio.get_running_loop().run_in_executor(self.executor, fn)
         return await asyncio.wait_for(future, timeout=remaining)
 
-    @mapped
-    async def route(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    @rpc
+    async def route(self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         query = query_from_proto(parse(pb.RouteRequest, data))
-        caller = CURRENT_CALLER.get()
         tenant = self.router.tenant(caller)
         if tenant.heavy:
             decision = await self._off_loop(context, lambda: tenant.decide(query, caller))
@@ -85,8 +85,10 @@ class RouterServicer:
             decision = tenant.decide(query, caller)
         return decision_to_proto(decision).SerializeToString()
 
-    @mapped
-    async def route_batch(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    @rpc
+    async def route_batch(
+        self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
+    ) -> bytes:
         request = parse(pb.RouteBatchRequest, data)
         limit = self.router.loaded.config.server.max_batch
         if not request.requests:
@@ -96,7 +98,6 @@ class RouterServicer:
                 f"the batch has {len(request.requests)} requests; the limit is {limit}"
             )
         queries = [query_from_proto(r) for r in request.requests]
-        caller = CURRENT_CALLER.get()
         tenant = self.router.tenant(caller)
         decisions = await self._off_loop(context, lambda: tenant.decide_many(queries, caller))
         return pb.RouteBatchResponse(
@@ -106,9 +107,9 @@ class RouterServicer:
     async def route_stream(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        caller = CURRENT_CALLER.get()
-        tenant = self.router.tenant(caller)
         try:
+            caller = self.router.authenticate(api_key_from_metadata(context.invocation_metadata()))
+            tenant = self.router.tenant(caller)
             async for data in requests:
                 query = query_from_proto(parse(pb.RouteRequest, data))
                 if tenant.heavy:
@@ -129,10 +130,12 @@ class AdminServicer:
         self.router = router
         self.executor = executor
 
-    @mapped
-    async def list_models(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    @rpc
+    async def list_models(
+        self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
+    ) -> bytes:
         parse(pb.ListModelsRequest, data)
-        tenant = self.router.admin_tenant(CURRENT_CALLER.get())
+        tenant = self.router.admin_tenant(caller)
         infos = await asyncio.get_running_loop().run_in_executor(self.executor, tenant.list_models)
         return pb.ListModelsResponse(
             models=[
@@ -148,19 +151,23 @@ class AdminServicer:
             ]
         ).SerializeToString()
 
-    @mapped
-    async def load_model(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    @rpc
+    async def load_model(
+        self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
+    ) -> bytes:
         request = parse(pb.LoadModelRequest, data)
-        tenant = self.router.admin_tenant(CURRENT_CALLER.get())
+        tenant = self.router.admin_tenant(caller)
         status = await asyncio.get_running_loop().run_in_executor(
             self.executor, tenant.load_version, request.version or None, request.force
         )
         return status_to_proto(status).SerializeToString()
 
-    @mapped
-    async def rollback(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    @rpc
+    async def rollback(
+        self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
+    ) -> bytes:
         parse(pb.RollbackRequest, data)
-        tenant = self.router.admin_tenant(CURRENT_CALLER.get())
+        tenant = self.router.admin_tenant(caller)
         status = await asyncio.get_running_loop().run_in_executor(self.executor, tenant.rollback)
         return status_to_proto(status).SerializeToString()
 
