@@ -29,7 +29,7 @@ assert len(QUERY.split()) == 20
 
 
 @pytest.fixture(scope="module")
-def fast_classifier() -> Classifier:
+def fast_model_bytes() -> bytes:
     """A fast-family model trained on the retail demo routes (and its out-of-scope data)."""
     loaded = load_config(DEMO_CONFIG)
     model = loaded.tenant("retail").model
@@ -39,7 +39,19 @@ def fast_classifier() -> Classifier:
         featurizer_params=FeaturizerParams(buckets_log2=model.buckets_log2, seed=model.seed),
         seed=model.seed,
     )
-    return Classifier(trained.model_bytes, "micro")
+    return trained.model_bytes
+
+
+@pytest.fixture(scope="module")
+def fast_classifier(fast_model_bytes: bytes) -> Classifier:
+    """The fast model as served: the native linear head."""
+    return Classifier(fast_model_bytes, "micro")
+
+
+@pytest.fixture(scope="module")
+def fast_classifier_onnxruntime(fast_model_bytes: bytes) -> Classifier:
+    """The same file run by onnxruntime (the baseline for the native head)."""
+    return Classifier(fast_model_bytes, "micro", native_head=False)
 
 
 @pytest.mark.skipif(not USING_NATIVE, reason="the native featurizer is not built")
@@ -71,10 +83,17 @@ def test_fast_classify(benchmark, fast_classifier: Classifier) -> None:  # type:
 
 
 def test_fast_classify_only(benchmark, fast_classifier: Classifier) -> None:  # type: ignore[no-untyped-def]
-    """The ONNX part of a fast decision alone, on precomputed ids."""
+    """The classifier part of a fast decision alone (native head), on precomputed ids."""
     ids = fast_classifier.featurizer.featurize_batch([QUERY])
     probs, _ = benchmark(fast_classifier.predict, ids)
     assert probs.shape == (1, len(fast_classifier.labels))
+
+
+def test_fast_classify_only_onnxruntime(benchmark, fast_classifier_onnxruntime: Classifier) -> None:  # type: ignore[no-untyped-def]
+    """The same model file and ids through onnxruntime."""
+    ids = fast_classifier_onnxruntime.featurizer.featurize_batch([QUERY])
+    probs, _ = benchmark(fast_classifier_onnxruntime.predict, ids)
+    assert probs.shape == (1, len(fast_classifier_onnxruntime.labels))
 
 
 @pytest.fixture(scope="module")
