@@ -12,6 +12,10 @@ def main(args: argparse.Namespace) -> int:
             from bench import latency
 
             return latency.main(args)
+        if args.suite == "decision":
+            from bench import decision
+
+            return decision.main(args)
         if args.suite == "accuracy":
             from bench import accuracy
 
@@ -19,5 +23,8 @@ def main(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         print(f"plexus bench {args.suite}: error: {exc}", file=sys.stderr)
         return 1
-    print(f"plexus bench: unknown suite {args.suite!r} (have: latency, accuracy)", file=sys.stderr)
+    print(
+        f"plexus bench: unknown suite {args.suite!r} (have: latency, decision, accuracy)",
+        file=sys.stderr,
+    )
     return 2
