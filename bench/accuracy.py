@@ -147,9 +147,7 @@ def decision_latency(classifier: Any, texts: list[str]) -> dict[str, Any]:
 
 
 def best_meeting(curve: list[dict[str, float]], family: str) -> dict[str, float] | None:
-    """The curve point meeting the family's targets with the highest accuracy + recall/2."""
-    from router.routing.training import OOS_WEIGHT
-
+    """The curve point meeting the family's targets with the highest accuracy + recall."""
     min_acc, min_recall = TARGETS[family]
     ok = [
         p
@@ -158,7 +156,7 @@ def best_meeting(curve: list[dict[str, float]], family: str) -> dict[str, float]
     ]
     if not ok:
         return None
-    return max(ok, key=lambda p: p["inscope_accuracy"] + OOS_WEIGHT * p["oos_recall"])
+    return max(ok, key=lambda p: p["inscope_accuracy"] + p["oos_recall"])
 
 
 def meets(metrics: dict[str, float], family: str) -> bool:

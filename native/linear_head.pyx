@@ -30,11 +30,13 @@ def linear_head_probs(const int64_t[:, ::1] ids, const int64_t[::1] remap,
         raise ValueError(f"remap has {remap.shape[0]} entries; expected pad_id + 1 = {pad_id + 1}")
     out_array = np.zeros((batch, classes), dtype=np.float32)
     cdef float[:, ::1] out = out_array
-    cdef double[::1] acc = np.zeros(classes, dtype=np.float64)
+    cdef float* acc
+    cdef const float* weight_row
+    cdef const float* weight_base = &weights[0, 0]
+    cdef const float* bias_row = &bias[0]
     with nogil:
         for b in range(batch):
-            for c in range(classes):
-                acc[c] = 0.0
+            acc = &out[b, 0]  # accumulate in float32, as the ONNX graph does
             count = 0.0
             for j in range(length):
                 token = ids[b, j]
@@ -49,22 +51,23 @@ def linear_head_probs(const int64_t[:, ::1] ids, const int64_t[::1] remap,
                     bad = token
                     failed = True
                     break
+                weight_row = weight_base + row * classes
                 for c in range(classes):
-                    acc[c] += weights[row, c]
+                    acc[c] += weight_row[c]
             if failed:
                 break
             norm = sqrt(count if count > 1.0 else 1.0)
             top = -1e300
             for c in range(classes):
-                acc[c] = acc[c] / norm + bias[c]
+                acc[c] = <float> (acc[c] / norm + bias_row[c])
                 if acc[c] > top:
                     top = acc[c]
             total = 0.0
             for c in range(classes):
-                acc[c] = exp(acc[c] - top)
+                acc[c] = <float> exp(acc[c] - top)
                 total += acc[c]
             for c in range(classes):
-                out[b, c] = <float> (acc[c] / total)
+                acc[c] = <float> (acc[c] / total)
     if failed:
         raise ValueError(f"feature id {bad} is outside [0, {pad_id}]")
     return out_array

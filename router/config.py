@@ -82,6 +82,7 @@ class ModelConfig(_Strict):
     buckets_log2: int = Field(18, ge=8, le=24)
     heldout_fraction: float = Field(0.2, gt=0, lt=0.9)
     regularization: float = Field(10.0, gt=0)
+    inscope_tolerance: float = Field(0.03, ge=0, le=1)
     data: Path | None = None
 
     @field_validator("threshold")

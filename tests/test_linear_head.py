@@ -59,9 +59,9 @@ def test_native_reference_and_onnxruntime_agree(buckets_log2, classes, seed, spa
     got, _ = native.predict(ids)
     head = native.native_head
     ref = reference_probs(ids, head.remap, head.weights, head.bias, head.pad_id)
-    # native and reference accumulate in float64; onnxruntime in float32
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+    # all three accumulate in float32, in different orders
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("bad", [-1, 2**12 + 1, 2**40])

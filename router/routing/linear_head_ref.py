@@ -11,7 +11,7 @@ def linear_head_probs(
     if ids.size and (ids.min() < 0 or ids.max() > pad_id):
         bad = ids[(ids < 0) | (ids > pad_id)][0]
         raise ValueError(f"feature id {bad} is outside [0, {pad_id}]")
-    summed = weights[remap[ids]].astype(np.float64).sum(axis=1)
+    summed = weights[remap[ids]].sum(axis=1, dtype=np.float32).astype(np.float64)
     count = np.maximum((ids < pad_id).sum(axis=1, keepdims=True), 1)
     logits = summed / np.sqrt(count) + bias
     logits -= logits.max(axis=1, keepdims=True)

@@ -71,6 +71,7 @@ def train_tenant(
         featurizer_params=FeaturizerParams(buckets_log2=model_config.buckets_log2, seed=use_seed),
         threshold=model_config.threshold,
         regularization=model_config.regularization,
+        inscope_tolerance=model_config.inscope_tolerance,
         seed=use_seed,
         progress=progress,
     )

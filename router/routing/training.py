@@ -164,8 +164,8 @@ EMBEDDING_SCALE = 2.0
 """Unit-norm embeddings are scaled up before the shared L2 penalty, so the dense block is not
 penalised more than the n-gram block for the same influence."""
 
-OOS_WEIGHT = 0.5
-"""Calibration objective: in-scope accuracy + OOS_WEIGHT x out-of-scope recall."""
+INSCOPE_TOLERANCE = 0.03
+"""Calibration gives up at most this much held-out in-scope accuracy for out-of-scope recall."""
 
 
 def threshold_curve(
@@ -175,15 +175,23 @@ def threshold_curve(
 
 
 def calibrate_threshold(
-    probs: np.ndarray, truth: Sequence[str], labels: Sequence[str], oos_label: str
+    probs: np.ndarray,
+    truth: Sequence[str],
+    labels: Sequence[str],
+    oos_label: str,
+    inscope_tolerance: float = INSCOPE_TOLERANCE,
 ) -> float:
-    """With out-of-scope examples: maximise accuracy + OOS_WEIGHT x recall over a grid.
+    """The abstain threshold, chosen on held-out data over a grid of 100 thresholds.
 
+    With out-of-scope examples: the threshold with the best out-of-scope recall among those
+    whose in-scope accuracy is within ``inscope_tolerance`` of the best (lowest on ties).
     Without them: the highest threshold that keeps 98% of the correct held-out decisions.
     """
-    if oos_label in truth:
+    if oos_label in truth and any(label != oos_label for label in truth):
         curve = threshold_curve(probs, truth, labels, oos_label)
-        best = max(curve, key=lambda m: m["inscope_accuracy"] + OOS_WEIGHT * m["oos_recall"])
+        floor = max(m["inscope_accuracy"] for m in curve) - inscope_tolerance
+        eligible = [m for m in curve if m["inscope_accuracy"] >= floor - 1e-12]
+        best = max(eligible, key=lambda m: (m["oos_recall"], -m["threshold"]))
         return round(best["threshold"], 4)
     result = decide(probs, labels, oos_label, 0.0)
     correct = np.array(result.predicted, dtype=object) == np.array(truth, dtype=object)
@@ -269,6 +277,7 @@ def train_model(
     threshold: float | str = "calibrated",
     oos_label: str = DEFAULT_OOS_LABEL,
     regularization: float = 10.0,
+    inscope_tolerance: float = INSCOPE_TOLERANCE,
     embedding_scale: float = EMBEDDING_SCALE,
     seed: int = 0,
     progress: Progress | None = None,
@@ -293,7 +302,7 @@ def train_model(
         x = sp.hstack([x_sparse, sp.csr_matrix(x_dense * embedding_scale)], format="csr")
     y = np.array([labels.index(label) for label in train.labels])
     say(f"fitting a {family} model: {x.shape[0]} examples, {len(labels)} labels")
-    head = LogisticRegression(C=regularization, max_iter=2000, tol=1e-5, random_state=seed)
+    head = LogisticRegression(C=regularization, max_iter=1000, tol=1e-4, random_state=seed)
     head.fit(x, y)
     coef = head.coef_.astype(np.float32)
     bias = head.intercept_.astype(np.float32)
@@ -332,7 +341,7 @@ def train_model(
     _, held_dense = features.matrix(heldout.texts, "held-out")
     heldout_probs = predict_texts(draft, heldout.texts, held_dense)
     card.threshold = (
-        calibrate_threshold(heldout_probs, heldout.labels, labels, oos_label)
+        calibrate_threshold(heldout_probs, heldout.labels, labels, oos_label, inscope_tolerance)
         if threshold == "calibrated"
         else float(threshold)
     )
