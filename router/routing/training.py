@@ -240,10 +240,10 @@ class _Features:
         self.featurizer = Featurizer(params)
         self.encoder = None
         if family == "accurate":
-            from router.routing.encoder import shared_encoder
+            from router.routing.encoder import bulk_encoder
 
             progress("loading the sentence encoder")
-            self.encoder = shared_encoder()
+            self.encoder = bulk_encoder()
         self.progress = progress
 
     def matrix(self, texts: Sequence[str], what: str) -> tuple[sp.csr_matrix, np.ndarray | None]:
@@ -359,9 +359,9 @@ def predict_texts(
 ) -> np.ndarray:
     """Probabilities for many texts, in batches (offline use: training, evaluation, swaps)."""
     if classifier.needs_embedding and embeddings is None:
-        from router.routing.encoder import shared_encoder
+        from router.routing.encoder import bulk_encoder
 
-        embeddings = shared_encoder().encode(texts)
+        embeddings = bulk_encoder().encode(texts)
     out = []
     for start in range(0, len(texts), batch):
         ids = classifier.featurizer.featurize_batch(texts[start : start + batch])
