@@ -34,6 +34,9 @@ class ServerConfig(_Strict):
     max_concurrent_rpcs: int | None = Field(None, gt=0)
     grace_seconds: float = Field(5.0, ge=0)
     model_dir: Path = Path("models")
+    data_dir: Path = Field(Path("data"), description="collections live here, per tenant")
+    device: Literal["cpu", "cuda"] = "cpu"
+    encode_batch_wait_ms: float = Field(1.0, ge=0, le=100)
     top_k: int = Field(3, ge=1, le=50)
 
     @field_validator("address")
@@ -64,12 +67,98 @@ class AppConfig(_Strict):
     routes: list[Name] | None = None
 
 
+class HnswConfig(_Strict):
+    m: int = Field(32, ge=4, le=256)
+    ef_construction: int = Field(200, ge=8)
+    ef_search: int = Field(96, ge=1)
+
+
+class IvfConfig(_Strict):
+    nlist: int | None = Field(None, ge=1, description="default: about 4 x sqrt(vectors)")
+    nprobe: int = Field(16, ge=1)
+
+
+class CollectionConfig(_Strict):
+    """One vector collection of a tenant: its index choice and how documents are chunked."""
+
+    description: str = ""
+    index: Literal["auto", "flat", "hnsw", "ivf"] = "auto"
+    exact_max_vectors: int = Field(20_000, ge=0, description="auto: exact search up to this size")
+    hnsw: HnswConfig = HnswConfig()
+    ivf: IvfConfig = IvfConfig()
+    chunk_tokens: int = Field(200, ge=16, le=512)
+    chunk_overlap: int = Field(40, ge=0)
+    near_duplicate: float = Field(0.95, gt=0, le=1, description="cosine at which chunks merge")
+
+    @model_validator(mode="after")
+    def _overlap(self) -> CollectionConfig:
+        if self.chunk_overlap >= self.chunk_tokens:
+            raise ValueError("chunk_overlap: must be smaller than chunk_tokens")
+        return self
+
+
+class SqlMirrorConfig(_Strict):
+    """A read-only SQL mirror: a SQLite file, or any database a SQLAlchemy URL reaches."""
+
+    url: str = Field(
+        description="sqlite:///path.db (relative to the config file) or a SQLAlchemy URL"
+    )
+    timeout_seconds: float = Field(2.0, gt=0)
+
+
+class CollectionSourceConfig(_Strict):
+    kind: Literal["collection"] = "collection"
+    collection: Name
+    k: int = Field(4, ge=1, le=100)
+    min_score: float = Field(0.0, ge=-1, le=1)
+    tags: list[str] = Field(default_factory=list, description="chunks must carry all of these")
+
+
+class SqlSourceConfig(_Strict):
+    kind: Literal["sql"] = "sql"
+    mirror: Name
+    query: str = Field(description="a parameterised SELECT using :name placeholders")
+    params: list[Name] = Field(default_factory=list, description="request metadata keys bound")
+    max_rows: int = Field(20, ge=1, le=1000)
+    title: str = ""
+
+
+class StaticSourceConfig(_Strict):
+    kind: Literal["static"] = "static"
+    text: str = Field(min_length=1)
+    source: str = "static"
+
+
+class PacketSourceConfig(_Strict):
+    kind: Literal["packets"] = "packets"
+    max_packets: int = Field(4, ge=1, le=64)
+
+
+SourceConfig = Annotated[
+    CollectionSourceConfig | SqlSourceConfig | StaticSourceConfig | PacketSourceConfig,
+    Field(discriminator="kind"),
+]
+
+
+class ContextConfig(_Strict):
+    """Where a route's context comes from and how it is assembled."""
+
+    sources: list[SourceConfig] = Field(min_length=1)
+    budget_tokens: int = Field(512, ge=16, le=32_768)
+    diversity: float = Field(0.9, gt=0, le=1, description="drop pieces this similar to a kept one")
+    template: str = Field(
+        "{context}\n\nQuestion: {question}",
+        description="rendered with {context} (numbered pieces) and {question}",
+    )
+
+
 class RouteConfig(_Strict):
     name: Name
     description: str = ""
     target: Name
     examples: list[str] = Field(default_factory=list)
     metadata: dict[str, str] = Field(default_factory=dict)
+    context: ContextConfig | None = None
 
 
 class ModelConfig(_Strict):
@@ -98,6 +187,8 @@ class TenantConfig(_Strict):
     apps: dict[Name, AppConfig] = Field(min_length=1)
     routes: list[RouteConfig] = Field(min_length=2)
     model: ModelConfig
+    collections: dict[Name, CollectionConfig] = Field(default_factory=dict)
+    sql_mirrors: dict[Name, SqlMirrorConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _references(self) -> TenantConfig:
@@ -119,6 +210,28 @@ class TenantConfig(_Strict):
             unknown = sorted(set(key.apps or ()) - set(self.apps))
             if unknown:
                 raise ValueError(f"api_keys.{i}.apps: unknown apps {unknown}")
+        for i, route in enumerate(self.routes):
+            for j, source in enumerate(route.context.sources if route.context else ()):
+                where = f"routes.{i}.context.sources.{j}"
+                if isinstance(source, CollectionSourceConfig) and (
+                    source.collection not in self.collections
+                ):
+                    raise ValueError(
+                        f"{where}.collection: {source.collection!r} is not one of the tenant's "
+                        f"collections {sorted(self.collections)}"
+                    )
+                if isinstance(source, SqlSourceConfig):
+                    if source.mirror not in self.sql_mirrors:
+                        raise ValueError(
+                            f"{where}.mirror: {source.mirror!r} is not one of the tenant's "
+                            f"sql_mirrors {sorted(self.sql_mirrors)}"
+                        )
+                    placeholders = set(re.findall(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)", source.query))
+                    if placeholders != set(source.params):
+                        raise ValueError(
+                            f"{where}.params: {sorted(source.params)} must name exactly the "
+                            f"query's placeholders {sorted(placeholders)}"
+                        )
         return self
 
     def route(self, name: str) -> RouteConfig:
@@ -160,6 +273,10 @@ class LoadedConfig:
     @property
     def model_dir(self) -> Path:
         return self.resolve(self.config.server.model_dir)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.resolve(self.config.server.data_dir)
 
     def tenant(self, name: str) -> TenantConfig:
         try:

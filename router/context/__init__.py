@@ -1,0 +1,1 @@
+"""Context stitching: collections, ingestion, sources and assembly."""
