@@ -92,6 +92,15 @@ class SentenceEncoder:
 
 
 @cache
+def plain_tokenizer() -> Tokenizer:
+    """The encoder's tokenizer without padding or truncation, for counting and cutting text."""
+    tokenizer = Tokenizer.from_file(str(tokenizer_file()))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+@cache
 def shared_encoder() -> SentenceEncoder:
     """One single-threaded encoder per process for serving: loading it costs ~100 ms, 25 MB."""
     return SentenceEncoder()

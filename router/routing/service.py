@@ -126,9 +126,11 @@ class ServingModel:
             allowed = set(app.routes) if app.routes is not None else set(routes)
             self.app_labels[app_name] = tuple(i for i in in_scope if labels[i] in allowed)
 
-    def probabilities(self, texts: Sequence[str], ids: np.ndarray) -> np.ndarray:
-        embedding = None
-        if self.classifier.needs_embedding:
+    def probabilities(
+        self, texts: Sequence[str], ids: np.ndarray, embedding: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``embedding`` may be given when the caller already encoded the texts."""
+        if self.classifier.needs_embedding and embedding is None:
             from router.routing.encoder import shared_encoder
 
             embedding = shared_encoder().encode(texts)
@@ -218,7 +220,10 @@ class TenantRouter:
             for i, query in enumerate(queries)
         ]
 
-    def decide(self, query: RouteQuery, caller: Caller) -> RouteDecision:
+    def decide(
+        self, query: RouteQuery, caller: Caller, embedding: np.ndarray | None = None
+    ) -> RouteDecision:
+        """One decision; ``embedding`` (``[1, dim]``) reuses an encoding made by the caller."""
         model = self.active  # read once: this request finishes on this version
         self.check_query(query, caller)
         started = time.perf_counter_ns()
@@ -227,7 +232,7 @@ class TenantRouter:
             ids = np.array([model.classifier.featurizer.pad_id], dtype=np.int64)
         ids = ids.reshape(1, -1)
         featurized = time.perf_counter_ns()
-        probs = model.probabilities([query.text], ids)[0]
+        probs = model.probabilities([query.text], ids, embedding)[0]
         classified = time.perf_counter_ns()
         return self._decision(
             model,

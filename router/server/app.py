@@ -16,6 +16,10 @@ from grpc_reflection.v1alpha import reflection
 
 from router._generated.plexus.v1 import plexus_pb2 as pb
 from router.config import LoadedConfig, ServerConfig
+from router.context.batching import BatchingEncoder
+from router.context.collections import TenantCollections
+from router.context.stitch import Stitcher
+from router.routing.encoder import shared_encoder
 from router.routing.service import Router
 from router.server.servicers import AdminServicer, RouterServicer, generic_handlers
 
@@ -55,11 +59,24 @@ class PlexusServer:
         self.router = router or Router(loaded)
         self.address = address or self.config.address
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="plexus-work")
+        self.collections = {
+            name: TenantCollections.from_config(loaded, name) for name in loaded.config.tenants
+        }
+        self.batcher = BatchingEncoder(
+            shared_encoder, self.executor, wait_ms=self.config.encode_batch_wait_ms
+        )
+        self.stitcher = Stitcher(
+            loaded,
+            self.router,
+            lambda tenant: self.collections[tenant].get,
+            self.batcher,
+            self.executor,
+        )
         self.server = new_server(self.config)
         self.server.add_generic_rpc_handlers(
             generic_handlers(
-                RouterServicer(self.router, self.executor),
-                AdminServicer(self.router, self.executor),
+                RouterServicer(self.router, self.stitcher, self.executor),
+                AdminServicer(self.router, self.collections, self.executor),
             )
         )
         self.health = health.aio.HealthServicer()
@@ -88,6 +105,8 @@ class PlexusServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.stitcher.close()
+        self.stitcher.close()
 
     async def serve_until_signalled(self) -> None:
         """Serve until SIGTERM or SIGINT, then drain and return."""

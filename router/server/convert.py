@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from router._generated.plexus.v1 import plexus_pb2 as pb
+from router.context.assembly import PlacedPiece
+from router.context.packets import ContextPacket, ContextPiece
+from router.context.stitch import StitchResult
 from router.routing.service import ModelStatus, RouteDecision, RouteQuery
 
 
@@ -43,4 +46,71 @@ def status_to_proto(status: ModelStatus) -> pb.ModelStatus:
         heldout_accuracy=status.heldout_accuracy,
         previous_accuracy=status.previous_accuracy,
         message=status.message,
+    )
+
+
+def piece_to_proto(piece: ContextPiece, placed: PlacedPiece | None = None) -> pb.ContextPiece:
+    return pb.ContextPiece(
+        text=piece.text,
+        kind=piece.kind,
+        source=piece.source,
+        position=piece.position,
+        score=piece.score,
+        tags=list(piece.tags),
+        title=piece.title,
+        citation=piece.citation,
+        number=placed.number if placed else 0,
+        tokens=placed.tokens if placed else 0,
+        truncated=placed.truncated if placed else False,
+    )
+
+
+def piece_from_proto(piece: pb.ContextPiece) -> ContextPiece:
+    return ContextPiece(
+        text=piece.text,
+        kind=piece.kind,
+        source=piece.source,
+        position=piece.position,
+        score=piece.score,
+        tags=tuple(piece.tags),
+        title=piece.title,
+    )
+
+
+def packet_to_proto(packet: ContextPacket) -> pb.ContextPacket:
+    return pb.ContextPacket(
+        tenant=packet.tenant,
+        app=packet.app,
+        route=packet.route,
+        question=packet.question,
+        pieces=[piece_to_proto(p) for p in packet.pieces],
+        created_unix=packet.created_unix,
+        signature=packet.signature,
+    )
+
+
+def packet_from_proto(packet: pb.ContextPacket) -> ContextPacket:
+    return ContextPacket(
+        tenant=packet.tenant,
+        app=packet.app,
+        route=packet.route,
+        question=packet.question,
+        pieces=tuple(piece_from_proto(p) for p in packet.pieces),
+        created_unix=packet.created_unix,
+        signature=packet.signature,
+    )
+
+
+def stitch_to_proto(result: StitchResult) -> pb.StitchResponse:
+    assembly = result.assembly
+    return pb.StitchResponse(
+        decision=decision_to_proto(result.decision),
+        prompt=assembly.prompt,
+        pieces=[piece_to_proto(p.piece, p) for p in assembly.placed],
+        tokens_used=assembly.tokens_used,
+        budget_tokens=assembly.budget_tokens,
+        timings=[pb.StageTiming(stage=k, micros=v) for k, v in result.timings_us.items()],
+        packet=packet_to_proto(result.packet),
+        duplicates_dropped=assembly.duplicates_dropped,
+        over_budget_dropped=assembly.over_budget_dropped,
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -16,10 +16,18 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from router._generated.plexus.v1 import plexus_pb2 as pb
+from router.context.collections import TenantCollections
+from router.context.stitch import Stitcher
 from router.errors import InvalidArgument, PlexusError
-from router.routing.service import Caller, Router
+from router.routing.service import Caller, RouteQuery, Router, TenantRouter
 from router.server.auth import api_key_from_metadata
-from router.server.convert import decision_to_proto, query_from_proto, status_to_proto
+from router.server.convert import (
+    decision_to_proto,
+    packet_from_proto,
+    query_from_proto,
+    status_to_proto,
+    stitch_to_proto,
+)
 
 log = logging.getLogger("plexus.server")
 M = TypeVar("M", bound=Message)
@@ -65,25 +73,43 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 
 
 class RouterServicer:
-    def __init__(self, router: Router, executor: Executor):
+    def __init__(self, router: Router, stitcher: Stitcher, executor: Executor):
         self.router = router
+        self.stitcher = stitcher
+        self.batcher = stitcher.batcher
         self.executor = executor
 
     async def _off_loop(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
-        """Run a dense-encoder decision in the bounded executor, within the call's deadline."""
+        """Run CPU-heavy work in the bounded executor, within the call's deadline."""
         remaining = context.time_remaining()
         future = asyncio.get_running_loop().run_in_executor(self.executor, fn)
         return await asyncio.wait_for(future, timeout=remaining)
 
+    async def _decide(self, tenant: TenantRouter, query: RouteQuery, caller: Caller) -> Any:
+        """A decision; for the accurate family the text is encoded by the micro-batcher first."""
+        embedding = None
+        if tenant.heavy:
+            tenant.check_query(query, caller)
+            embedding = (await self.batcher.encode(query.text)).reshape(1, -1)
+        return tenant.decide(query, caller, embedding)
+
     @rpc
     async def route(self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         query = query_from_proto(parse(pb.RouteRequest, data))
-        tenant = self.router.tenant(caller)
-        if tenant.heavy:
-            decision = await self._off_loop(context, lambda: tenant.decide(query, caller))
-        else:
-            decision = tenant.decide(query, caller)
+        decision = await self._decide(self.router.tenant(caller), query, caller)
         return decision_to_proto(decision).SerializeToString()
+
+    @rpc
+    async def stitch(self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        request = parse(pb.StitchRequest, data)
+        result = await self.stitcher.stitch(
+            caller,
+            query_from_proto(request.request),
+            [packet_from_proto(p) for p in request.packets],
+            budget_tokens=request.budget_tokens or None,
+            timeout=context.time_remaining(),
+        )
+        return stitch_to_proto(result).SerializeToString()
 
     @rpc
     async def route_batch(
@@ -112,12 +138,7 @@ class RouterServicer:
             tenant = self.router.tenant(caller)
             async for data in requests:
                 query = query_from_proto(parse(pb.RouteRequest, data))
-                if tenant.heavy:
-                    decision = await self._off_loop(
-                        context, lambda q=query: tenant.decide(q, caller)
-                    )
-                else:
-                    decision = tenant.decide(query, caller)
+                decision = await self._decide(tenant, query, caller)
                 yield decision_to_proto(decision).SerializeToString()
         except asyncio.CancelledError:
             raise
@@ -126,9 +147,30 @@ class RouterServicer:
 
 
 class AdminServicer:
-    def __init__(self, router: Router, executor: Executor):
+    def __init__(
+        self, router: Router, collections: Mapping[str, TenantCollections], executor: Executor
+    ):
         self.router = router
+        self.collections = collections
         self.executor = executor
+
+    @rpc
+    async def reload_collection(
+        self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        request = parse(pb.ReloadCollectionRequest, data)
+        self.router.admin_tenant(caller)
+        collections = self.collections[caller.tenant]
+        await asyncio.get_running_loop().run_in_executor(
+            self.executor, collections.reload, request.collection
+        )
+        collection = collections.get(request.collection)
+        return pb.CollectionStatus(
+            collection=collection.name,
+            version=collection.version,
+            size=collection.size,
+            index_kind=collection.index_kind,
+        ).SerializeToString()
 
     @rpc
     async def list_models(
@@ -186,11 +228,13 @@ def generic_handlers(
         "RouteStream": grpc.stream_stream_rpc_method_handler(
             router_servicer.route_stream, _identity, _identity
         ),
+        "Stitch": unary(router_servicer.stitch, _identity, _identity),
     }
     admin_methods = {
         "ListModels": unary(admin_servicer.list_models, _identity, _identity),
         "LoadModel": unary(admin_servicer.load_model, _identity, _identity),
         "Rollback": unary(admin_servicer.rollback, _identity, _identity),
+        "ReloadCollection": unary(admin_servicer.reload_collection, _identity, _identity),
     }
     return [
         grpc.method_handlers_generic_handler("plexus.v1.Router", router_methods),

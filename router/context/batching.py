@@ -1,0 +1,80 @@
+"""Micro-batched encoding off the event loop.
+
+Requests that arrive within ``wait_ms`` of each other are encoded in one call in a bounded
+executor, so a burst of queries costs one encoder run instead of many, and the event loop never
+runs the encoder itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Protocol
+
+import numpy as np
+
+
+class Encoder(Protocol):
+    dim: int
+
+    def encode(self, texts: list[str]) -> np.ndarray: ...
+
+
+class BatchingEncoder:
+    """``await encode(text)``; ``encoder`` may be a factory, called on first use (off the loop)."""
+
+    def __init__(
+        self,
+        encoder: Encoder | Callable[[], Encoder],
+        executor: Executor,
+        wait_ms: float = 1.0,
+        max_batch: int = 32,
+    ):
+        self._encoder = encoder
+        self.executor = executor
+        self.wait_seconds = wait_ms / 1000.0
+        self.max_batch = max_batch
+        self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self.batches = 0  # how many encoder calls were made (observable in tests)
+
+    def _encode_batch(self, texts: list[str]) -> np.ndarray:
+        if callable(self._encoder) and not hasattr(self._encoder, "encode"):
+            self._encoder = self._encoder()
+        return self._encoder.encode(texts)
+
+    async def encode(self, text: str) -> np.ndarray:
+        """The text's embedding, ``float32[dim]``."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[np.ndarray] = loop.create_future()
+        self._pending.append((text, future))
+        if len(self._pending) >= self.max_batch:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.wait_seconds, self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending = self._pending, []
+        batch = [(text, future) for text, future in batch if not future.cancelled()]
+        if not batch:
+            return
+        self.batches += 1
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self.executor, self._encode_batch, [t for t, _ in batch])
+
+        def deliver(done: asyncio.Future[np.ndarray]) -> None:
+            error = done.exception()
+            for i, (_, future) in enumerate(batch):
+                if future.done():
+                    continue
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(done.result()[i])
+
+        work.add_done_callback(deliver)
