@@ -62,7 +62,7 @@ def test_budget_citations_and_order(assembler: Assembler):
     assert scores == sorted(scores, reverse=True)
     for placed in result.placed:
         assert f"[{placed.number}] ({placed.piece.citation})" in result.prompt
-    assert "docs:a.md #0 (score 0.60)" in result.prompt
+    assert "[3] (docs:a.md #3, score 0.90)" in result.prompt
     assert result.prompt.endswith("Q: can I return shoes?")
     assert any(p.truncated for p in result.placed) or result.over_budget_dropped
 
@@ -129,7 +129,7 @@ def test_sql_mirror_binds_parameters_only(stores_db: Path, tmp_path: Path):
     )
     sql = "SELECT name, hours FROM stores WHERE store_id = :store_id"
     columns, rows = mirror.query(sql, {"store_id": "1432"}, 10)
-    assert render_rows(columns, rows) == ["name: Elm Street; hours: 9-21"]
+    assert render_rows(columns, rows) == "name | hours\nElm Street | 9-21"
     columns, rows = mirror.query(sql, {"store_id": "1432' OR '1'='1"}, 10)
     assert rows == []
     with pytest.raises(Exception):  # noqa: B017 - the mirror is opened read-only

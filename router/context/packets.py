@@ -34,8 +34,9 @@ class ContextPiece:
 
     @property
     def citation(self) -> str:
-        where = f"{self.source} #{self.position}" if self.kind != "static" else self.source
-        return f"{where} (score {self.score:.2f})"
+        if self.kind in ("static", "sql"):  # configured facts: no position, no similarity
+            return self.source
+        return f"{self.source} #{self.position}, score {self.score:.2f}"
 
 
 @dataclass(frozen=True)

@@ -102,5 +102,10 @@ def bind_parameters(
     return {name: metadata[name] for name in names}
 
 
-def render_rows(columns: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> list[str]:
-    return ["; ".join(f"{c}: {v}" for c, v in zip(columns, row, strict=False)) for row in rows]
+def render_rows(columns: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> str:
+    """Rows as one compact table: a header line, then one line per row."""
+    if not rows:
+        return "(no rows)"
+    lines = [" | ".join(columns)]
+    lines += [" | ".join("" if v is None else str(v) for v in row) for row in rows]
+    return "\n".join(lines)

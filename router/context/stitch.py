@@ -153,16 +153,16 @@ class TenantStitcher:
                 columns, rows = self.mirrors[source.mirror].query(
                     source.query, params, source.max_rows
                 )
-                pieces += [
+                title = f"{source.title}\n" if source.title else ""
+                pieces.append(
                     ContextPiece(
-                        text=(f"{source.title}: " if source.title else "") + line,
+                        text=title + render_rows(columns, rows),
                         kind="sql",
                         source=label,
-                        position=i,
+                        position=0,
                         score=1.0,
                     )
-                    for i, line in enumerate(render_rows(columns, rows))
-                ]
+                )
             elif isinstance(source, StaticSourceConfig):
                 label = f"static:{source.source}"
                 pieces.append(
