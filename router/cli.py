@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from router.config import ConfigError, load_config
+from router.context.ingest_cli import add_ingest_parser
 from router.errors import PlexusError
 
 DEMO_CONFIG = Path("examples/retail/plexus.yaml")
@@ -253,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench)
 
+    add_ingest_parser(sub)
+
     p = sub.add_parser("demo", help="the retail demo: train, serve, and route a few calls")
     p.add_argument("--config", type=Path, default=DEMO_CONFIG)
     p.set_defaults(func=cmd_demo)
@@ -260,7 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse binds every positional at the first one, so `ingest CONFIG --tenant T PATH...`
+    # leaves the PATHs over: they belong to `paths`.
+    if args.command == "ingest" and not any(e.startswith("-") for e in extra):
+        args.paths += [Path(e) for e in extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -206,4 +206,3 @@ def test_packet_expiry_is_enforced(stub):
     finally:
         signer.ttl_seconds = old_ttl
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "expired" in details
-

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import faiss
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -58,6 +59,9 @@ class PlexusServer:
         self.config = loaded.config.server
         self.router = router or Router(loaded)
         self.address = address or self.config.address
+        # Searches are single queries on the executor's threads: FAISS's OpenMP pool would only
+        # add hand-offs and oversubscribe the cores.
+        faiss.omp_set_num_threads(1)
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="plexus-work")
         self.collections = {
             name: TenantCollections.from_config(loaded, name) for name in loaded.config.tenants
