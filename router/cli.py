@@ -15,7 +15,6 @@ from router.context.ingest_cli import add_ingest_parser
 from router.errors import PlexusError
 
 DEMO_CONFIG = Path("examples/retail/plexus.yaml")
-DEMO_KEY = "retail-demo-key"
 
 
 def _say(message: str) -> None:
@@ -151,48 +150,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from router.client import PlexusClient
-    from router.routing.tenant_training import train_tenant
-    from router.server.app import PlexusServer
+    from router.demo import run_demo
 
-    loaded = load_config(args.config)
-    print(f"== training the retail routing model from {args.config}", flush=True)
-    result = train_tenant(loaded, "retail", progress=_say)
-    metrics = result.trained.card.metrics
-    print(
-        f"   {result.version}: held-out in-scope accuracy {metrics['inscope_accuracy']:.3f}, "
-        f"out-of-scope recall {metrics.get('oos_recall', float('nan')):.3f}, threshold "
-        f"{result.trained.card.threshold:.2f}"
-    )
-    queries = [
-        ("storefront", "is the 65 inch samsung tv in stock at store 1432?", {"store_id": "1432"}),
-        ("storefront", "you charged my card twice for the same order and I want it fixed", {}),
-        ("storefront", "when does the Elm Street store close on sunday", {"store_id": "0077"}),
-        ("storefront", "what's a good recipe for banana bread", {}),
-        ("store_ops", "how many gold tier points do I have", {}),
-    ]
-
-    async def run() -> None:
-        server = PlexusServer(loaded, address="127.0.0.1:0")
-        port = await server.start()
-        print(f"== serving on 127.0.0.1:{port}; routing over gRPC", flush=True)
-
-        def calls() -> None:
-            with PlexusClient(f"127.0.0.1:{port}", DEMO_KEY) as client:
-                for app, text, meta in queries:
-                    d = client.route(app, text, meta)
-                    flag = " (abstained -> fallback)" if d.abstained else ""
-                    print(
-                        f"   [{app}] {text!r}\n      -> {d.route} @ {d.target}, confidence "
-                        f"{d.confidence:.2f}{flag}, model {d.model_version}, "
-                        f"{d.server_micros} us server-side"
-                    )
-
-        await asyncio.get_running_loop().run_in_executor(None, calls)
-        await server.stop(grace=1)
-
-    asyncio.run(run())
-    print("== done. Serve it yourself: plexus serve examples/retail/plexus.yaml")
+    run_demo(load_config(args.config))
     return 0
 
 
@@ -256,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ingest_parser(sub)
 
-    p = sub.add_parser("demo", help="the retail demo: train, serve, and route a few calls")
+    p = sub.add_parser("demo", help="the retail demo: train, ingest, serve, route and stitch")
     p.add_argument("--config", type=Path, default=DEMO_CONFIG)
     p.set_defaults(func=cmd_demo)
     return parser

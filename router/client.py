@@ -26,6 +26,21 @@ class PlexusClient:
         )
         return self.router.Route(request, metadata=self.metadata, timeout=self.timeout)
 
+    def stitch(
+        self,
+        app: str,
+        text: str,
+        metadata: Mapping[str, str] | None = None,
+        packets: Iterable[pb.ContextPacket] = (),
+        budget_tokens: int = 0,
+    ) -> pb.StitchResponse:
+        request = pb.StitchRequest(
+            request=pb.RouteRequest(app=app, text=text, metadata=dict(metadata or {})),
+            packets=list(packets),
+            budget_tokens=budget_tokens,
+        )
+        return self.router.Stitch(request, metadata=self.metadata, timeout=self.timeout)
+
     def route_batch(self, app: str, texts: Iterable[str]) -> pb.RouteBatchResponse:
         request = pb.RouteBatchRequest(requests=[pb.RouteRequest(app=app, text=t) for t in texts])
         return self.router.RouteBatch(request, metadata=self.metadata, timeout=self.timeout)

@@ -90,7 +90,16 @@ class PlexusServer:
         )
         self.port = 0
 
+    def needs_encoder(self) -> bool:
+        """Whether any tenant's model or context sources use the sentence encoder."""
+        return any(t.heavy for t in self.router.tenants.values()) or any(
+            stitcher.plans and any(stitcher.needs_embedding(r) for r in stitcher.plans)
+            for stitcher in self.stitcher.tenants.values()
+        )
+
     async def start(self) -> int:
+        if self.needs_encoder():  # load and warm it now, not on the first request
+            await self.batcher.encode("warm up")
         self.port = self.server.add_insecure_port(self.address)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.address}")
