@@ -56,6 +56,7 @@ def test_budget_citations_and_order(assembler: Assembler):
         diversity=0.9,
     )
     assert result.tokens_used <= 120
+    assert result.tokens_used == assembler.count(result.prompt)  # counted, not estimated
     kinds = [p.piece.kind for p in result.placed]
     assert kinds[:2] == ["static", "sql"]
     scores = [p.piece.score for p in result.placed if p.piece.kind == "collection"]
