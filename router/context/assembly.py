@@ -37,7 +37,9 @@ class Assembly:
     over_budget_dropped: int
 
 
+@functools.lru_cache(maxsize=65_536)
 def shingles(text: str) -> frozenset[str]:
+    """Word 3-grams of the casefolded text (cached: chunks recur across questions)."""
     words = _WORDS.findall(text.casefold())
     if len(words) < 3:
         return frozenset(words)
