@@ -152,10 +152,54 @@ class ContextConfig(_Strict):
     )
 
 
+class RetryConfig(_Strict):
+    attempts: int = Field(3, ge=1, le=10, description="tries in all, the first included")
+    backoff_ms: float = Field(100.0, ge=0)
+    max_backoff_ms: float = Field(2_000.0, ge=0)
+
+
+class BreakerConfig(_Strict):
+    failures: int = Field(5, ge=1, description="consecutive failures that open the breaker")
+    reset_seconds: float = Field(30.0, gt=0, description="open this long, then probe half-open")
+
+
+class PriceConfig(_Strict):
+    input_per_1k: float = Field(0.0, ge=0)
+    output_per_1k: float = Field(0.0, ge=0)
+
+
+class BackendConfig(_Strict):
+    """A generation backend: an OpenAI-compatible HTTP server, a gRPC Generator, or local."""
+
+    kind: Literal["openai", "grpc", "local"]
+    url: str = Field("", description="openai: base URL ending in /v1; grpc: HOST:PORT")
+    model: str = ""
+    api_key_env: str = Field("", description="environment variable holding the bearer key")
+    timeout_seconds: float = Field(30.0, gt=0)
+    max_concurrency: int = Field(16, ge=1)
+    max_output_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.2, ge=0, le=2)
+    retry: RetryConfig = RetryConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    price: PriceConfig = PriceConfig()
+    context_window: int = Field(8192, ge=256)
+    capabilities: list[str] = Field(default_factory=lambda: ["chat", "streaming"])
+    certifications: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _url(self) -> BackendConfig:
+        if self.kind == "openai" and not self.url.startswith(("http://", "https://")):
+            raise ValueError("url: an openai backend needs an http(s) base URL, e.g. .../v1")
+        if self.kind == "grpc" and ":" not in self.url:
+            raise ValueError("url: a grpc backend needs HOST:PORT")
+        return self
+
+
 class RouteConfig(_Strict):
     name: Name
     description: str = ""
     target: Name
+    fallbacks: list[Name] = Field(default_factory=list, description="backends tried in order")
     examples: list[str] = Field(default_factory=list)
     metadata: dict[str, str] = Field(default_factory=dict)
     context: ContextConfig | None = None
@@ -189,6 +233,7 @@ class TenantConfig(_Strict):
     model: ModelConfig
     collections: dict[Name, CollectionConfig] = Field(default_factory=dict)
     sql_mirrors: dict[Name, SqlMirrorConfig] = Field(default_factory=dict)
+    backends: dict[Name, BackendConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _references(self) -> TenantConfig:
@@ -211,6 +256,13 @@ class TenantConfig(_Strict):
             if unknown:
                 raise ValueError(f"api_keys.{i}.apps: unknown apps {unknown}")
         for i, route in enumerate(self.routes):
+            if self.backends:
+                unknown = [b for b in [route.target, *route.fallbacks] if b not in self.backends]
+                if unknown:
+                    raise ValueError(
+                        f"routes.{i}: targets {unknown} are not backends of the tenant "
+                        f"{sorted(self.backends)}"
+                    )
             for j, source in enumerate(route.context.sources if route.context else ()):
                 where = f"routes.{i}.context.sources.{j}"
                 if isinstance(source, CollectionSourceConfig) and (

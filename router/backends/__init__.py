@@ -1,0 +1,1 @@
+"""Generation backends: the protocol, OpenAI-compatible HTTP, gRPC, local; resilience."""

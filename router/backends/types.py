@@ -1,0 +1,72 @@
+"""What the pipeline asks of a backend, and what comes back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # system | user | assistant
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    messages: tuple[Message, ...]
+    max_tokens: int
+    temperature: float
+    deadline: float | None = None  # time.monotonic() by which the whole call must end
+    request_id: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)  # route, tenant: for logs only
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # stop | length | ...
+    usage: Usage
+
+
+GenerationEvent = TokenDelta | Finished
+
+
+class BackendError(Exception):
+    """A failed backend call. ``retryable``: connection errors, 429, 502/503/504, timeouts
+    before the deadline; ``retry_after``: seconds the backend asked us to wait."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        backend: str,
+        retryable: bool,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ):
+        super().__init__(message)
+        self.backend = backend
+        self.retryable = retryable
+        self.status = status
+        self.retry_after = retry_after
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]: ...
+
+    async def aclose(self) -> None: ...
