@@ -20,11 +20,16 @@ def main(args: argparse.Namespace) -> int:
             from bench import accuracy
 
             return accuracy.main(args)
+        if args.suite == "retrieval":
+            from bench import retrieval
+
+            return retrieval.main(args)
     except RuntimeError as exc:
         print(f"plexus bench {args.suite}: error: {exc}", file=sys.stderr)
         return 1
     print(
-        f"plexus bench: unknown suite {args.suite!r} (have: latency, decision, accuracy)",
+        f"plexus bench: unknown suite {args.suite!r} "
+        "(have: latency, decision, accuracy, retrieval)",
         file=sys.stderr,
     )
     return 2

@@ -16,10 +16,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from router._generated.plexus.v1 import plexus_pb2 as pb
+from router.backends.resilience import BackendPool
 from router.config import LoadedConfig, ServerConfig
 from router.context.batching import BatchingEncoder
 from router.context.collections import TenantCollections
 from router.context.stitch import Stitcher
+from router.pipeline import Orchestrator
 from router.routing.encoder import shared_encoder
 from router.routing.service import Router
 from router.server.servicers import AdminServicer, RouterServicer, generic_handlers
@@ -76,10 +78,18 @@ class PlexusServer:
             self.batcher,
             self.executor,
         )
+        self.backend_pools = {
+            name: BackendPool(tenant.backends) for name, tenant in loaded.config.tenants.items()
+        }
+        self.orchestrator = Orchestrator(
+            self.stitcher,
+            self.backend_pools,
+            {name: tenant.backends for name, tenant in loaded.config.tenants.items()},
+        )
         self.server = new_server(self.config)
         self.server.add_generic_rpc_handlers(
             generic_handlers(
-                RouterServicer(self.router, self.stitcher, self.executor),
+                RouterServicer(self.router, self.stitcher, self.orchestrator, self.executor),
                 AdminServicer(self.router, self.collections, self.executor),
             )
         )
@@ -119,7 +129,11 @@ class PlexusServer:
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.stitcher.close()
+        for pool in self.backend_pools.values():
+            await pool.aclose()
         self.stitcher.close()
+        for pool in self.backend_pools.values():
+            await pool.aclose()
 
     async def serve_until_signalled(self) -> None:
         """Serve until SIGTERM or SIGINT, then drain and return."""

@@ -6,6 +6,13 @@ from router._generated.plexus.v1 import plexus_pb2 as pb
 from router.context.assembly import PlacedPiece
 from router.context.packets import ContextPacket, ContextPiece
 from router.context.stitch import StitchResult
+from router.pipeline import (
+    ContextEvent,
+    DecisionEvent,
+    DeltaEvent,
+    FinalEvent,
+    OrchestrateEvent,
+)
 from router.routing.service import ModelStatus, RouteDecision, RouteQuery
 
 
@@ -113,4 +120,40 @@ def stitch_to_proto(result: StitchResult) -> pb.StitchResponse:
         packet=packet_to_proto(result.packet),
         duplicates_dropped=assembly.duplicates_dropped,
         over_budget_dropped=assembly.over_budget_dropped,
+    )
+
+
+def orchestrate_event_to_proto(event: OrchestrateEvent) -> pb.OrchestrateEvent:
+    if isinstance(event, DecisionEvent):
+        return pb.OrchestrateEvent(decision=decision_to_proto(event.decision))
+    if isinstance(event, ContextEvent):
+        assembly = event.result.assembly
+        return pb.OrchestrateEvent(
+            context=pb.ContextSummary(
+                pieces=[piece_to_proto(p.piece, p) for p in assembly.placed],
+                tokens_used=assembly.tokens_used,
+                budget_tokens=assembly.budget_tokens,
+                packet=packet_to_proto(event.result.packet),
+            )
+        )
+    if isinstance(event, DeltaEvent):
+        return pb.OrchestrateEvent(delta=event.text)
+    if isinstance(event, FinalEvent):
+        return pb.OrchestrateEvent(
+            final=pb.FinalEvent(
+                usage=pb.Usage(
+                    prompt_tokens=event.usage.prompt_tokens,
+                    completion_tokens=event.usage.completion_tokens,
+                ),
+                cost=event.cost,
+                backend=event.backend,
+                fallbacks_tried=event.fallbacks_tried,
+                attempts=event.attempts,
+                finish_reason=event.finish_reason,
+                timings=[pb.StageTiming(stage=k, micros=v) for k, v in event.timings_us.items()],
+                breakers=event.breakers,
+            )
+        )
+    return pb.OrchestrateEvent(
+        error=pb.ErrorEvent(code=event.code, message=event.message, backend=event.backend)
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -19,10 +20,12 @@ from router._generated.plexus.v1 import plexus_pb2 as pb
 from router.context.collections import TenantCollections
 from router.context.stitch import Stitcher
 from router.errors import InvalidArgument, PlexusError
+from router.pipeline import Orchestrator
 from router.routing.service import Caller, RouteQuery, Router, TenantRouter
 from router.server.auth import api_key_from_metadata
 from router.server.convert import (
     decision_to_proto,
+    orchestrate_event_to_proto,
     packet_from_proto,
     query_from_proto,
     status_to_proto,
@@ -73,9 +76,12 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 
 
 class RouterServicer:
-    def __init__(self, router: Router, stitcher: Stitcher, executor: Executor):
+    def __init__(
+        self, router: Router, stitcher: Stitcher, orchestrator: Orchestrator, executor: Executor
+    ):
         self.router = router
         self.stitcher = stitcher
+        self.orchestrator = orchestrator
         self.batcher = stitcher.batcher
         self.executor = executor
 
@@ -140,6 +146,29 @@ class RouterServicer:
                 query = query_from_proto(parse(pb.RouteRequest, data))
                 decision = await self._decide(tenant, query, caller)
                 yield decision_to_proto(decision).SerializeToString()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await _abort_for(context, exc)
+
+    async def orchestrate(
+        self, data: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """Server-streaming: errors before the first event become a status; backend failures
+        after it arrive as an error event (the design: never a broken stream)."""
+        try:
+            caller = self.router.authenticate(api_key_from_metadata(context.invocation_metadata()))
+            request = parse(pb.OrchestrateRequest, data)
+            remaining = context.time_remaining()
+            events = self.orchestrator.orchestrate(
+                caller,
+                query_from_proto(request.request),
+                [packet_from_proto(p) for p in request.packets],
+                max_tokens=request.max_tokens or None,
+                deadline=None if remaining is None else time.monotonic() + remaining,
+            )
+            async for event in events:
+                yield orchestrate_event_to_proto(event).SerializeToString()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -229,6 +258,9 @@ def generic_handlers(
             router_servicer.route_stream, _identity, _identity
         ),
         "Stitch": unary(router_servicer.stitch, _identity, _identity),
+        "Orchestrate": grpc.unary_stream_rpc_method_handler(
+            router_servicer.orchestrate, _identity, _identity
+        ),
     }
     admin_methods = {
         "ListModels": unary(admin_servicer.list_models, _identity, _identity),
