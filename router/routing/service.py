@@ -25,6 +25,7 @@ from router.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from router.routing.encoder import SERVING_ENCODER_NAME
 from router.routing.model import Classifier, ModelContractError, read_card
 from router.routing.registry import ModelRegistry, RegistryError
 from router.routing.training import Examples, evaluate, predict_texts
@@ -111,6 +112,12 @@ class ServingModel:
             raise ModelContractError(
                 f"{classifier.source}: labels {unknown} are not routes of this tenant "
                 f"(routes: {sorted(routes)})"
+            )
+        encoder = classifier.card.encoder
+        if encoder is not None and encoder.get("name") != SERVING_ENCODER_NAME:
+            raise ModelContractError(
+                f"{classifier.source}: trained on encoder {encoder.get('name')!r}; this server "
+                f"encodes with {SERVING_ENCODER_NAME!r} (retrain the model)"
             )
         configured = tenant.model.threshold
         self.threshold = classifier.card.threshold if configured == "calibrated" else configured
