@@ -693,7 +693,6 @@ async def _serve_in_process(loaded: Any) -> dict[str, Any]:
         caller = Caller(tenant="retail", key_name="bench", admin=False, apps=None)
         say(f"[stitch] timing {STITCH_REQUESTS} stitches one at a time ({products!r})")
         timing = await _time_stitch(plexus, caller, "1432")
-        timing["encode_batch_wait_ms"] = loaded.config.server.encode_batch_wait_ms
         timing["products"] = collection
         return timing
     finally:
@@ -918,10 +917,9 @@ def _stitch_markdown(part: dict[str, Any]) -> str:
             "questions. Routes taken: "
             f"{routes}. Pieces placed per request: {pieces} "
             f"({part['synthetic_pieces_per_request']:.2f} of them synthetic).",
-            "- Stages come from `result.timings_us`. `encode` includes the micro-batcher's "
-            f"wait ({part['encode_batch_wait_ms']} ms, `server.encode_batch_wait_ms`), which a "
-            "single client always pays; `other` = whole call − the stages (routing decision, "
-            "executor hand-offs, packet signing).",
+            "- Stages come from `result.timings_us`. `encode` is measured around the "
+            "micro-batcher (executor hand-off included); `other` = whole call − the stages "
+            "(routing decision, executor hand-offs, packet signing).",
             "",
             summary,
             "",

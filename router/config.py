@@ -36,7 +36,6 @@ class ServerConfig(_Strict):
     model_dir: Path = Path("models")
     data_dir: Path = Field(Path("data"), description="collections live here, per tenant")
     device: Literal["cpu", "cuda"] = "cpu"
-    encode_batch_wait_ms: float = Field(1.0, ge=0, le=100)
     top_k: int = Field(3, ge=1, le=50)
 
     @field_validator("address")

@@ -167,7 +167,7 @@ class CountingEncoder:
 async def test_concurrent_requests_share_encoder_calls():
     encoder = CountingEncoder()
     with ThreadPoolExecutor(2) as pool:
-        batcher = BatchingEncoder(encoder, pool, wait_ms=5, max_batch=64)
+        batcher = BatchingEncoder(encoder, pool, max_batch=64)
         texts = [f"text number {i}" + "x" * i for i in range(40)]
         results = await asyncio.gather(*(batcher.encode(t) for t in texts))
     assert [r[0] for r in results] == [len(t) for t in texts]  # each gets its own row

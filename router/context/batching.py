@@ -1,8 +1,9 @@
 """Micro-batched encoding off the event loop.
 
-Requests that arrive within ``wait_ms`` of each other are encoded in one call in a bounded
-executor, so a burst of queries costs one encoder run instead of many, and the event loop never
-runs the encoder itself.
+Texts are encoded in a bounded executor, never on the event loop. While an encoder call is
+running, new requests wait and are then encoded together in one call; a request that finds the
+encoder idle starts at once (together with anything that arrived in the same loop iteration).
+So a lone request pays no batching delay, and a burst costs a few encoder calls, not one each.
 """
 
 from __future__ import annotations
@@ -28,15 +29,14 @@ class BatchingEncoder:
         self,
         encoder: Encoder | Callable[[], Encoder],
         executor: Executor,
-        wait_ms: float = 1.0,
         max_batch: int = 32,
     ):
         self._encoder = encoder
         self.executor = executor
-        self.wait_seconds = wait_ms / 1000.0
         self.max_batch = max_batch
         self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._scheduled = False
+        self._running = 0
         self.batches = 0  # how many encoder calls were made (observable in tests)
 
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
@@ -51,23 +51,24 @@ class BatchingEncoder:
         self._pending.append((text, future))
         if len(self._pending) >= self.max_batch:
             self._flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(self.wait_seconds, self._flush)
+        elif self._running == 0 and not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
         return await future
 
     def _flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._scheduled = False
         batch, self._pending = self._pending, []
         batch = [(text, future) for text, future in batch if not future.cancelled()]
         if not batch:
             return
         self.batches += 1
+        self._running += 1
         loop = asyncio.get_running_loop()
         work = loop.run_in_executor(self.executor, self._encode_batch, [t for t, _ in batch])
 
         def deliver(done: asyncio.Future[np.ndarray]) -> None:
+            self._running -= 1
             error = done.exception()
             for i, (_, future) in enumerate(batch):
                 if future.done():
@@ -76,5 +77,7 @@ class BatchingEncoder:
                     future.set_exception(error)
                 else:
                     future.set_result(done.result()[i])
+            if self._pending and self._running == 0:
+                self._flush()
 
         work.add_done_callback(deliver)

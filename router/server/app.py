@@ -68,9 +68,7 @@ class PlexusServer:
         self.collections = {
             name: TenantCollections.from_config(loaded, name) for name in loaded.config.tenants
         }
-        self.batcher = BatchingEncoder(
-            shared_encoder, self.executor, wait_ms=self.config.encode_batch_wait_ms
-        )
+        self.batcher = BatchingEncoder(shared_encoder, self.executor)
         self.stitcher = Stitcher(
             loaded,
             self.router,
