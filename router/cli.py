@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="admin API key for --remote (or PLEXUS_API_KEY)")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("bench", help="benchmarks: latency, decision, accuracy (from a checkout)")
+    p = sub.add_parser("bench", help="benchmark suites (run from a checkout)")
     bench_sub = p.add_subparsers(dest="suite", required=True)
     b = bench_sub.add_parser("latency", help="Route vs a bare echo servicer, c=1/16/64")
     b.add_argument("--config", type=Path, default=DEMO_CONFIG)
@@ -217,6 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--skip-stackfaq", action="store_true")
     b.add_argument("--skip-index", action="store_true")
     b.add_argument("--skip-stitch", action="store_true")
+    b = bench_sub.add_parser(
+        "orchestrate", help="Orchestrate overhead over an instant backend; optional soak run"
+    )
+    b.add_argument("--config", type=Path, default=DEMO_CONFIG)
+    b.add_argument("--requests", type=int, default=2000, help="requests per concurrency level")
+    b.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    b.add_argument("--processes", type=int, default=2, help="client processes")
+    b.add_argument("--soak-seconds", type=float, default=0.0, help="0: no soak run")
+    b.add_argument("--soak-concurrency", type=int, default=16)
+    b.add_argument("--out", type=Path, default=Path("bench/results"))
     b = bench_sub.add_parser("accuracy", help="CLINC150 accuracy per model family")
     b.add_argument("--data", type=Path, required=True, help="path to CLINC150 data_full.json")
     b.add_argument("--families", nargs="+", default=["fast", "accurate"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import grpc
 
@@ -40,6 +40,20 @@ class PlexusClient:
             budget_tokens=budget_tokens,
         )
         return self.router.Stitch(request, metadata=self.metadata, timeout=self.timeout)
+
+    def orchestrate(
+        self,
+        app: str,
+        text: str,
+        metadata: Mapping[str, str] | None = None,
+        packets: Iterable[pb.ContextPacket] = (),
+    ) -> Iterator[pb.OrchestrateEvent]:
+        """The event stream: decision, context, deltas, then final (or error)."""
+        request = pb.OrchestrateRequest(
+            request=pb.RouteRequest(app=app, text=text, metadata=dict(metadata or {})),
+            packets=list(packets),
+        )
+        return self.router.Orchestrate(request, metadata=self.metadata, timeout=self.timeout)
 
     def route_batch(self, app: str, texts: Iterable[str]) -> pb.RouteBatchResponse:
         request = pb.RouteBatchRequest(requests=[pb.RouteRequest(app=app, text=t) for t in texts])

@@ -76,6 +76,26 @@ def _calls(address: str) -> None:
             "case_desk", "customer reports a double charge, next steps?", packets=[first.packet]
         )
         _show(second)
+        print("== Orchestrate: route, stitch, generate (local backend) and stream", flush=True)
+        for event in client.orchestrate("storefront", "can I return headphones I opened?"):
+            kind = event.WhichOneof("event")
+            if kind == "decision":
+                print(f"   decision: {event.decision.route} -> {event.decision.target}")
+            elif kind == "context":
+                print(
+                    f"   context: {len(event.context.pieces)} cited pieces, "
+                    f"{event.context.tokens_used} tokens"
+                )
+            elif kind == "delta":
+                print(event.delta, end="", flush=True)
+            elif kind == "final":
+                final = event.final
+                print(
+                    f"\n   final: backend {final.backend}, {final.usage.prompt_tokens} + "
+                    f"{final.usage.completion_tokens} tokens, cost {final.cost:.6f}"
+                )
+            else:
+                print(f"\n   error: {event.error.code}: {event.error.message}")
 
 
 def _show(reply) -> None:  # type: ignore[no-untyped-def]

@@ -40,9 +40,13 @@ def plexus(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         ["train"],
         ["route"],
         ["models"],
+        ["ingest"],
         ["bench"],
         ["bench", "latency"],
+        ["bench", "decision"],
         ["bench", "accuracy"],
+        ["bench", "retrieval"],
+        ["bench", "orchestrate"],
         ["demo"],
     ],
 )
