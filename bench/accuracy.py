@@ -23,9 +23,9 @@ from bench.common import (
     machine_markdown,
     markdown_table,
     percentiles_us,
+    publish,
     pyplot,
     say,
-    write_report,
 )
 
 SPLITS = ("train", "val", "test", "oos_train", "oos_val", "oos_test")
@@ -460,12 +460,5 @@ def main(args: argparse.Namespace) -> int:
         },
         "seconds": round(time.monotonic() - started, 1),
     }
-    out = Path(args.out)
-    markdown = to_markdown(report)
-    written = write_report(out, "accuracy", report, markdown)
-    png = out / "accuracy.png"
-    plot(report, png)
-    written.append(png)
-    print(markdown)
-    say("wrote " + ", ".join(str(p) for p in written))
+    publish(Path(args.out), "accuracy", report, to_markdown(report), plot)
     return 0

@@ -7,7 +7,7 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -137,3 +137,19 @@ def pyplot():  # type: ignore[no-untyped-def]
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def publish(
+    out_dir: Path,
+    name: str,
+    report: dict[str, Any],
+    markdown: str,
+    plot: Callable[[dict[str, Any], Path], None],
+) -> None:
+    """Write NAME.json, NAME.md and NAME.png, print the Markdown, say where they went."""
+    written = write_report(out_dir, name, report, markdown)
+    png = out_dir / f"{name}.png"
+    plot(report, png)
+    written.append(png)
+    print(markdown)
+    say("wrote " + ", ".join(str(p) for p in written))

@@ -18,9 +18,9 @@ from bench.common import (
     machine_markdown,
     markdown_table,
     percentiles_us,
+    publish,
     pyplot,
     say,
-    write_report,
 )
 from router.config import load_config
 from router.routing.featurizer import FeaturizerParams
@@ -124,8 +124,5 @@ def plot(report: dict[str, Any], path: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     report = run_suite(args)
-    markdown = to_markdown(report)
-    write_report(args.out, "decision", report, markdown)
-    plot(report, args.out / "decision.png")
-    print(markdown)
+    publish(args.out, "decision", report, to_markdown(report), plot)
     return 0

@@ -37,9 +37,9 @@ from bench.common import (
     machine_markdown,
     markdown_table,
     percentiles_us,
+    publish,
     pyplot,
     say,
-    write_report,
 )
 
 METHOD = "/plexus.v1.Router/Route"
@@ -744,14 +744,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     report = run_suite(args)
-    out = Path(args.out)
-    markdown = to_markdown(report)
-    written = write_report(out, "latency", report, markdown)
-    png = out / "latency.png"
-    plot(report, png)
-    written.append(png)
-    print(markdown)
-    say("wrote " + ", ".join(str(p) for p in written))
+    publish(Path(args.out), "latency", report, to_markdown(report), plot)
     return 0
 
 

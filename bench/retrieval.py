@@ -42,9 +42,9 @@ from bench.common import (
     machine_markdown,
     markdown_table,
     percentiles_us,
+    publish,
     pyplot,
     say,
-    write_report,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -1072,12 +1072,5 @@ def main(args: argparse.Namespace) -> int:
         "stitch": stitch,
         "seconds": round(time.monotonic() - started, 1),
     }
-    out = Path(args.out)
-    markdown = to_markdown(report)
-    written = write_report(out, "retrieval", report, markdown)
-    png = out / "retrieval.png"
-    plot(report, png)
-    written.append(png)
-    print(markdown)
-    say("wrote " + ", ".join(str(p) for p in written))
+    publish(Path(args.out), "retrieval", report, to_markdown(report), plot)
     return 0

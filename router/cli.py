@@ -49,22 +49,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_decision(decision) -> None:  # type: ignore[no-untyped-def]
-    print(json.dumps(decision, indent=2, ensure_ascii=False))
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _remote_client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from router.client import PlexusClient
+
+    api_key = args.api_key or os.environ.get("PLEXUS_API_KEY")
+    if not api_key:
+        raise SystemExit("--remote needs --api-key or PLEXUS_API_KEY")
+    return PlexusClient(args.remote, api_key)
+
+
+def _message_dict(message) -> dict:  # type: ignore[no-untyped-def]
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(message, preserving_proto_field_name=True)
 
 
 def cmd_route(args: argparse.Namespace) -> int:
     if args.remote:
-        from google.protobuf.json_format import MessageToDict
-
-        from router.client import PlexusClient
-
-        api_key = args.api_key or os.environ.get("PLEXUS_API_KEY")
-        if not api_key:
-            raise SystemExit("--remote needs --api-key or PLEXUS_API_KEY")
-        with PlexusClient(args.remote, api_key) as client:
+        with _remote_client(args) as client:
             decision = client.route(args.app, args.text, dict(args.meta or []), args.tier)
-        _print_decision(MessageToDict(decision, preserving_proto_field_name=True))
+        _print_json(_message_dict(decision))
         return 0
     from dataclasses import asdict
 
@@ -79,7 +87,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     decision = router.decide(
         caller, RouteQuery(args.app, args.text, dict(args.meta or []), args.tier)
     )
-    _print_decision(asdict(decision))
+    _print_json(asdict(decision))
     return 0
 
 
@@ -100,21 +108,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     if args.remote:
-        from google.protobuf.json_format import MessageToDict
-
-        from router.client import PlexusClient
-
-        api_key = args.api_key or os.environ.get("PLEXUS_API_KEY")
-        if not api_key:
-            raise SystemExit("--remote needs --api-key or PLEXUS_API_KEY (an admin key)")
-        with PlexusClient(args.remote, api_key) as client:
+        with _remote_client(args) as client:
             if args.action == "list":
                 reply = client.list_models()
             elif args.action == "load":
                 reply = client.load_model(args.version or "", args.force)
             else:
                 reply = client.rollback()
-        print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+        _print_json(_message_dict(reply))
         return 0
     from dataclasses import asdict
 
@@ -131,7 +132,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             metrics = ", ".join(f"{k}={v:.4f}" for k, v in info.metrics.items())
             print(f"{mark} {info.version}  {info.family:8s} {info.created_at}  {metrics}")
     elif args.action == "load":
-        print(json.dumps(asdict(tenant.load_version(args.version, args.force)), indent=2))
+        _print_json(asdict(tenant.load_version(args.version, args.force)))
     else:
         raise SystemExit(
             "rollback restores the version a running server served before; use "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +55,29 @@ def demo_config_data(model_dir: Path) -> dict:
         ],
     }
     return data
+
+
+KNOWLEDGE = DEMO_CONFIG.parent / "knowledge"
+
+
+def context_config(root: Path, adjust=None) -> LoadedConfig:  # type: ignore[no-untyped-def]
+    """The demo configuration with its SQL mirror loaded and both tenants trained.
+
+    ``adjust(data)`` may change the configuration data before it is validated and written.
+    """
+    data = demo_config_data(root / "models")
+    data["server"]["data_dir"] = str(root / "data")
+    data["tenants"]["retail"]["sql_mirrors"]["stores"]["url"] = f"sqlite:///{root / 'stores.db'}"
+    if adjust is not None:
+        adjust(data)
+    path = root / "plexus.yaml"
+    path.write_text(yaml.safe_dump(data))
+    loaded = parse_config(data, path)
+    with sqlite3.connect(root / "stores.db") as db:
+        db.executescript((DEMO_CONFIG.parent / "stores.sql").read_text())
+    train_tenant(loaded, "retail", seed=1)
+    train_tenant(loaded, "wholesale")
+    return loaded
 
 
 @pytest.fixture(scope="session")

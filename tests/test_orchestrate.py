@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 
 import grpc
 import pytest
-import yaml
 
 from router._generated.plexus.v1 import plexus_pb2 as pb
 from router._generated.plexus.v1 import plexus_pb2_grpc as pb_grpc
-from router.config import parse_config
 from router.context.ingest import ingest
-from router.routing.tenant_training import train_tenant
 
-from .conftest import DEMO_CONFIG, DEMO_KEY, OTHER_TENANT_KEY, RunningServer, demo_config_data
+from .conftest import DEMO_KEY, KNOWLEDGE, OTHER_TENANT_KEY, RunningServer, context_config
 from .openai_peer import Behaviour, OpenAIPeer
 
 DISPUTE = "you charged my card twice for one order and I want my money back"
@@ -31,28 +27,19 @@ def peer():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, peer):
-    root = tmp_path_factory.mktemp("orchestrate")
-    data = demo_config_data(root / "models")
-    data["server"]["data_dir"] = str(root / "data")
-    retail = data["tenants"]["retail"]
-    retail["sql_mirrors"]["stores"]["url"] = f"sqlite:///{root / 'stores.db'}"
-    retail["backends"]["reasoning-large"] = {
-        "kind": "openai",
-        "url": peer.url,
-        "model": "big-model",
-        "timeout_seconds": 10,
-        "retry": {"attempts": 2, "backoff_ms": 10, "max_backoff_ms": 50},
-        "breaker": {"failures": 50, "reset_seconds": 1},
-        "price": {"input_per_1k": 3.0, "output_per_1k": 15.0},
-    }
-    path = root / "plexus.yaml"
-    path.write_text(yaml.safe_dump(data))
-    loaded = parse_config(data, path)
-    with sqlite3.connect(root / "stores.db") as db:
-        db.executescript((DEMO_CONFIG.parent / "stores.sql").read_text())
-    train_tenant(loaded, "retail", seed=1)
-    train_tenant(loaded, "wholesale")
-    ingest(loaded, "retail", "policies", [DEMO_CONFIG.parent / "knowledge" / "disputes.txt"])
+    def big_model_at_the_peer(data: dict) -> None:
+        data["tenants"]["retail"]["backends"]["reasoning-large"] = {
+            "kind": "openai",
+            "url": peer.url,
+            "model": "big-model",
+            "timeout_seconds": 10,
+            "retry": {"attempts": 2, "backoff_ms": 10, "max_backoff_ms": 50},
+            "breaker": {"failures": 50, "reset_seconds": 1},
+            "price": {"input_per_1k": 3.0, "output_per_1k": 15.0},
+        }
+
+    loaded = context_config(tmp_path_factory.mktemp("orchestrate"), big_model_at_the_peer)
+    ingest(loaded, "retail", "policies", [KNOWLEDGE / "disputes.txt"])
     running = RunningServer(loaded)
     yield running
     running.stop()

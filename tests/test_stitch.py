@@ -2,51 +2,39 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
 import grpc
 import pytest
-import yaml
 
 from router._generated.plexus.v1 import plexus_pb2 as pb
 from router._generated.plexus.v1 import plexus_pb2_grpc as pb_grpc
-from router.config import LoadedConfig, parse_config
+from router.config import LoadedConfig
 from router.context.ingest import ingest
-from router.routing.tenant_training import train_tenant
 
 from .conftest import (
     ADMIN_KEY,
-    DEMO_CONFIG,
     DEMO_KEY,
+    KNOWLEDGE,
     OTHER_TENANT_KEY,
     RunningServer,
-    demo_config_data,
+    context_config,
 )
-
-KNOWLEDGE = DEMO_CONFIG.parent / "knowledge"
 
 
 @pytest.fixture(scope="module")
 def stitch_config(tmp_path_factory) -> LoadedConfig:
-    root = tmp_path_factory.mktemp("stitch")
-    data = demo_config_data(root / "models")
-    data["server"]["data_dir"] = str(root / "data")
-    retail = data["tenants"]["retail"]
-    retail["sql_mirrors"]["stores"]["url"] = f"sqlite:///{root / 'stores.db'}"
-    retail["collections"]["catalog"] = {"description": "never ingested"}
-    for route in retail["routes"]:
-        if route["name"] == "loyalty_tier":
-            route["context"]["sources"] = [{"kind": "collection", "collection": "catalog"}]
-    path = root / "plexus.yaml"
-    path.write_text(yaml.safe_dump(data))
-    loaded = parse_config(data, path)
-    with sqlite3.connect(root / "stores.db") as db:
-        db.executescript((DEMO_CONFIG.parent / "stores.sql").read_text())
-    train_tenant(loaded, "retail", seed=1)
-    train_tenant(loaded, "wholesale")
-    ingest(loaded, "retail", "policies", sorted(KNOWLEDGE.glob("*.[mht]*[dlt]")))
+    def never_ingested_catalog(data: dict) -> None:
+        retail = data["tenants"]["retail"]
+        retail["collections"]["catalog"] = {"description": "never ingested"}
+        for route in retail["routes"]:
+            if route["name"] == "loyalty_tier":
+                route["context"]["sources"] = [{"kind": "collection", "collection": "catalog"}]
+
+    loaded = context_config(tmp_path_factory.mktemp("stitch"), never_ingested_catalog)
+    policies = ["returns.md", "loyalty.md", "shipping.html", "disputes.txt"]
+    ingest(loaded, "retail", "policies", [KNOWLEDGE / name for name in policies])
     ingest(loaded, "retail", "products", [KNOWLEDGE / "products.jsonl"])
     return loaded
 

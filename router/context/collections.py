@@ -39,6 +39,7 @@ import numpy as np
 from router.config import NAME_PATTERN, CollectionConfig, LoadedConfig
 from router.context.types import ChunkRecord, SearchHit, StoredChunk
 from router.errors import FailedPrecondition, InvalidArgument, NotFound
+from router.files import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -162,31 +163,9 @@ def _current_version(directory: Path) -> str | None:
     return name
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def read_meta(directory: Path, version: str) -> dict[str, Any]:
@@ -594,12 +573,12 @@ class CollectionWriter:
         (self._tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         _fsync_file(self._tmp / META_FILE)
         os.chmod(self._tmp, 0o755)  # mkdtemp makes it private to the writing user
-        _fsync_dir(self._tmp)
+        fsync_dir(self._tmp)
         version = self._next_version()
         os.rename(self._tmp, self.directory / version)
         self._tmp = None
-        _fsync_dir(self.directory)
-        _atomic_write(self.directory / CURRENT_FILE, f"{version}\n".encode())
+        fsync_dir(self.directory)
+        atomic_write(self.directory / CURRENT_FILE, f"{version}\n".encode())
         keep = {version, self.base_version}
         for old in _versions(self.directory):
             if old not in keep:

@@ -7,11 +7,10 @@ write goes to a temporary file first and is renamed into place.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
+from router.files import atomic_write
 from router.routing.training import Examples, read_examples
 
 VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
@@ -20,20 +19,6 @@ ACTIVE_FILE = "ACTIVE"
 
 class RegistryError(LookupError):
     """A version that is not in the registry, or a registry that cannot be written."""
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ModelRegistry:
@@ -73,10 +58,10 @@ class ModelRegistry:
         newest = self.newest()
         version = f"v{(int(newest[1:]) + 1 if newest else 1):04d}"
         if heldout is not None:
-            _atomic_write(
+            atomic_write(
                 self.directory / f"{version}.heldout.jsonl", heldout.to_jsonl().encode("utf-8")
             )
-        _atomic_write(self.directory / f"{version}.onnx", model_bytes)
+        atomic_write(self.directory / f"{version}.onnx", model_bytes)
         return version
 
     def active(self) -> str | None:
@@ -90,7 +75,7 @@ class ModelRegistry:
 
     def set_active(self, version: str) -> None:
         self.path(version)
-        _atomic_write(self.directory / ACTIVE_FILE, f"{version}\n".encode())
+        atomic_write(self.directory / ACTIVE_FILE, f"{version}\n".encode())
 
     def resolve(self, wanted: str) -> str:
         """``active`` (pointer or newest), ``latest`` (newest) or an explicit version."""
