@@ -15,6 +15,7 @@ import faiss
 import numpy as np
 import pytest
 
+import router.context.collections as collections_module
 from router.config import CollectionConfig, LoadedConfig, parse_config
 from router.context.collections import (
     CURRENT_FILE,
@@ -417,3 +418,37 @@ def test_a_changed_index_configuration_alone_makes_a_new_version(data_dir: Path)
         assert writer.commit() == "v0002"
     collection = Collection.load(data_dir, "retail", "docs", hnsw)
     assert (collection.index_kind, collection.size) == ("hnsw", 60)
+
+
+# --------------------------------------------------------------------------------------------
+# devices
+
+
+def test_cuda_without_a_gpu_falls_back_to_the_cpu(data_dir: Path, caplog) -> None:
+    """On machines without a GPU (or a CPU-only FAISS) `device: cuda` serves from the CPU."""
+    if collections_module._gpu_available():
+        pytest.skip("a GPU is present: the fallback cannot be observed here")
+    config = CollectionConfig(index="flat")
+    vectors = clustered(50)
+    write(data_dir, "retail", "kb", config, [f"text {i}" for i in range(50)], vectors)
+    with caplog.at_level("WARNING", logger=collections_module.__name__):
+        collection = Collection.load(
+            data_dir, "retail", "kb", config, device="cuda", configured={"kb": config}
+        )
+    assert collection.device == "cpu"
+    assert "no GPU support" in caplog.text
+    _, ids = collection.search(vectors[:3], 1)
+    assert [c.text for c in collection.chunks(ids[:, 0])] == ["text 0", "text 1", "text 2"]
+
+
+@pytest.mark.skipif(not collections_module._gpu_available(), reason="no GPU-enabled FAISS here")
+def test_cuda_search_matches_the_cpu(data_dir: Path) -> None:
+    config = CollectionConfig(index="flat")
+    vectors = clustered(500)
+    write(data_dir, "retail", "kb", config, [f"text {i}" for i in range(500)], vectors)
+    cpu = Collection.load(data_dir, "retail", "kb", config, configured={"kb": config})
+    gpu = Collection.load(
+        data_dir, "retail", "kb", config, device="cuda", configured={"kb": config}
+    )
+    assert gpu.device == "cuda"
+    np.testing.assert_array_equal(cpu.search(vectors[:20], 5)[1], gpu.search(vectors[:20], 5)[1])

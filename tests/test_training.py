@@ -175,3 +175,15 @@ def test_accurate_family_adds_the_sentence_encoder():
     assert np.allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-4)
     probs, _ = classifier.predict(classifier.featurizer.featurize_batch(texts), embedding)
     assert [classifier.labels[i] for i in probs.argmax(axis=1)] == ["order_status", "store_hours"]
+
+
+def test_encoder_on_cuda_falls_back_to_the_cpu_without_a_gpu():
+    import onnxruntime as ort
+
+    from router.routing.encoder import SentenceEncoder
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime has CUDA here: the fallback cannot be observed")
+    encoder = SentenceEncoder(device="cuda")
+    assert encoder.device == "cpu"
+    assert encoder.encode(["still works"]).shape == (1, 384)

@@ -68,7 +68,7 @@ class PlexusServer:
         self.collections = {
             name: TenantCollections.from_config(loaded, name) for name in loaded.config.tenants
         }
-        self.batcher = BatchingEncoder(shared_encoder, self.executor)
+        self.batcher = BatchingEncoder(lambda: shared_encoder(self.config.device), self.executor)
         self.stitcher = Stitcher(
             loaded,
             self.router,
