@@ -24,12 +24,16 @@ def main(args: argparse.Namespace) -> int:
             from bench import retrieval
 
             return retrieval.main(args)
+        if args.suite == "orchestrate":
+            from bench import orchestrate
+
+            return orchestrate.main(args)
     except RuntimeError as exc:
         print(f"plexus bench {args.suite}: error: {exc}", file=sys.stderr)
         return 1
     print(
         f"plexus bench: unknown suite {args.suite!r} "
-        "(have: latency, decision, accuracy, retrieval)",
+        "(have: latency, decision, accuracy, retrieval, orchestrate)",
         file=sys.stderr,
     )
     return 2
