@@ -502,8 +502,9 @@ def count_tokens(text: str) -> int:
 
 
 def chunk_text(text: str, chunk_tokens: int, chunk_overlap: int) -> list[str]:
-    """Spans of ``text`` of at most ``chunk_tokens`` tokens, each starting ``chunk_overlap``
-    tokens (or a little more, to start on a whole word) before the previous one ends.
+    """Spans of ``text`` of at most ``chunk_tokens`` tokens, each starting at most
+    ``chunk_overlap`` tokens before the previous one ends: at the first sentence or paragraph
+    in that overlap when there is one, else on a whole word.
 
     A window ends early at a paragraph break, else a sentence end, when one lies within its
     last 20%; otherwise at the last whole word that fits.
@@ -554,9 +555,19 @@ def chunk_text(text: str, chunk_tokens: int, chunk_overlap: int) -> list[str]:
             if not word_start[cut]:
                 cut = end  # one word longer than the window: cut inside it
         chunks.append(text[offsets[start][0] : offsets[cut - 1][1]])
-        following = cut - chunk_overlap
-        while following > start + 1 and not word_start[following]:
-            following -= 1
+        following = max(cut - chunk_overlap, start + 1)
+        # Open the next window on a sentence or paragraph inside the overlap when there is one,
+        # else on a whole word that is not punctuation.
+        boundary = next(
+            (j for j in range(following, cut) if "\n" in gap(j) or sentence_end(j)), None
+        )
+        if boundary is not None:
+            following = boundary
+        else:
+            while following > start + 1 and not word_start[following]:
+                following -= 1
+            while following < cut - 1 and not token(following)[:1].isalnum():
+                following += 1
         start = max(following, start + 1)
     return chunks
 
