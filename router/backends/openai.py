@@ -1,25 +1,29 @@
 """An OpenAI-compatible chat-completions backend over HTTP (streaming by default).
 
-One pooled ``httpx.AsyncClient`` and one semaphore per backend bound how many calls run at once.
-Every await of a call (waiting for a slot, connecting, each read) is bounded by the earlier of
-the request's deadline and ``timeout_seconds``; every failure becomes a :class:`BackendError`
-saying whether a retry could help.
+One pooled ``aiohttp.ClientSession`` (created on the running loop at the first call) and one
+semaphore per backend bound how many calls run at once. Every await of a call (waiting for a
+slot, connecting, each read) is bounded by the earlier of the request's deadline and
+``timeout_seconds``; every failure becomes a :class:`BackendError` saying whether a retry could
+help.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
 import os
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import httpx
+import aiohttp
 
 from router.backends._aio import closing
 from router.backends.types import (
@@ -38,6 +42,17 @@ RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 _SSE_FIELDS = ("data", "event", "id", "retry")
 _DRAIN_SECONDS = 0.5  # after [DONE], read to the end of the body this long so the connection
 # can go back to the pool; a server that holds it open longer just gets it closed
+_KEEPALIVE_SECONDS = 5.0  # how long an idle pooled connection is kept
+_ACCEPT = {"Accept": "application/json, text/event-stream"}
+_JSON = {"Content-Type": "application/json"}
+# Failures of the connection or of the HTTP exchange itself (resets, refusals, a peer that hangs
+# up or breaks the protocol mid-body): a retry on a fresh connection could help.
+_CONNECTION_ERRORS = (
+    aiohttp.ClientConnectionError,
+    aiohttp.ClientPayloadError,
+    aiohttp.ClientResponseError,
+    OSError,
+)
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -79,18 +94,16 @@ class OpenAIBackend:
         self.config = config
         self.stream = stream
         self.endpoint = config.url.rstrip("/") + "/chat/completions"
+        self._proxy, self._proxy_auth = _environment_proxy(self.endpoint)
         self._semaphore = asyncio.Semaphore(config.max_concurrency)
-        self._client = httpx.AsyncClient(
-            limits=httpx.Limits(
-                max_connections=config.max_concurrency,
-                max_keepalive_connections=config.max_concurrency,
-            ),
-            timeout=httpx.Timeout(config.timeout_seconds),
-            headers={"Accept": "application/json, text/event-stream"},
-        )
+        self._client: aiohttp.ClientSession | None = None  # made on the loop, at the first call
+        self._closed = False
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         end = self._end(request)
@@ -110,14 +123,12 @@ class OpenAIBackend:
                         for event in await self._read_whole(response, request, end):
                             yield event
                 finally:
-                    await response.aclose()
-        except TimeoutError as exc:
+                    response.release()  # back to the pool if the body was read to its end
+        except TimeoutError as exc:  # ours (asyncio.timeout_at) or aiohttp's (ClientTimeout)
             raise self._timed_out(request) from exc
-        except httpx.TimeoutException as exc:
-            raise self._timed_out(request) from exc
-        except httpx.TransportError as exc:
+        except _CONNECTION_ERRORS as exc:
             raise self._error(f"connection error ({_describe(exc)})", retryable=True) from exc
-        except httpx.RequestError as exc:
+        except aiohttp.ClientError as exc:
             raise self._error(f"request failed ({type(exc).__name__}: {exc})") from exc
 
     # -- the call ----------------------------------------------------------------------------
@@ -169,25 +180,50 @@ class OpenAIBackend:
             )
         return {"Authorization": f"Bearer {key}"}
 
+    def _session(self) -> aiohttp.ClientSession:
+        client = self._client
+        if client is None:
+            if self._closed:
+                raise RuntimeError("Cannot send a request, as the client has been closed.")
+            connector = aiohttp.TCPConnector(
+                limit=self.config.max_concurrency,
+                limit_per_host=0,
+                keepalive_timeout=_KEEPALIVE_SECONDS,
+            )
+            client = self._client = aiohttp.ClientSession(
+                connector=connector,
+                headers=_ACCEPT,
+                timeout=aiohttp.ClientTimeout(total=self.config.timeout_seconds),
+                cookie_jar=aiohttp.CookieJar(unsafe=True),  # keep cookies, as httpx did
+            )
+        return client
+
     async def _send(
         self, body: dict[str, Any], headers: dict[str, str], end: float
-    ) -> httpx.Response:
+    ) -> aiohttp.ClientResponse:
+        session = self._session()
+        data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         remaining = max(end - time.monotonic(), 0.001)
-        built = self._client.build_request(
-            "POST", self.endpoint, json=body, headers=headers, timeout=httpx.Timeout(remaining)
-        )
         async with self._within(end):
-            return await self._client.send(built, stream=True)
+            return await session.post(
+                self.endpoint,
+                data=data.encode(),
+                headers={**_JSON, **headers},
+                timeout=aiohttp.ClientTimeout(total=remaining),
+                allow_redirects=False,
+                proxy=self._proxy,
+                proxy_auth=self._proxy_auth,
+            )
 
-    async def _check_status(self, response: httpx.Response, end: float) -> None:
-        status = response.status_code
+    async def _check_status(self, response: aiohttp.ClientResponse, end: float) -> None:
+        status = response.status
         if status < 400:
             return
         try:
             async with self._within(end):
-                raw = await response.aread()
+                raw = await response.read()
             detail = _error_detail(raw)
-        except (TimeoutError, httpx.HTTPError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             detail = "(no readable body)"
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         raise BackendError(
@@ -199,10 +235,10 @@ class OpenAIBackend:
         )
 
     async def _read_whole(
-        self, response: httpx.Response, request: GenerationRequest, end: float
+        self, response: aiohttp.ClientResponse, request: GenerationRequest, end: float
     ) -> list[GenerationEvent]:
         async with self._within(end):
-            raw = await response.aread()
+            raw = await response.read()
         try:
             answer = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -230,25 +266,36 @@ class OpenAIBackend:
         return events
 
     async def _read_stream(
-        self, response: httpx.Response, request: GenerationRequest, end: float
+        self, response: aiohttp.ClientResponse, request: GenerationRequest, end: float
     ) -> AsyncIterator[GenerationEvent]:
         data: list[str] = []  # the data lines of the event being read
         deltas = 0
         reason: str | None = None
         usage: Usage | None = None
         done = False
-        async with closing(response.aiter_lines()) as lines:
-            while not done:
+        body = response.content
+        lines = _Lines(_charset(response))
+        eof = False
+        while not done and not eof:
+            chunk = body.read_nowait()  # what has already arrived, without waiting
+            if not chunk and not body.is_eof():
                 async with self._within(end):
-                    line = await anext(lines, None)
-                if line is None:
-                    break
+                    chunk = await body.readany()
+            if chunk:
+                batch = lines.feed(chunk)
+            else:
+                eof = True
+                batch = lines.close()
+            for line in batch:
                 if line:
-                    data.extend(self._sse_line(line))
+                    if line.startswith("data:"):  # the usual field, without the general parse
+                        data.append(line[6:] if line.startswith(" ", 5) else line[5:])
+                    else:
+                        data.extend(self._sse_line(line))
                     continue
                 if not data:  # a blank line ends an event; several in a row are harmless
                     continue
-                payload = "\n".join(data)
+                payload = data[0] if len(data) == 1 else "\n".join(data)
                 data.clear()
                 if payload.strip() == "[DONE]":
                     done = True
@@ -259,8 +306,8 @@ class OpenAIBackend:
                 if content:
                     deltas += 1
                     yield TokenDelta(content)
-            if done:
-                await self._drain(lines, end)
+        if done:
+            await self._drain(body, end)
         if not done and reason is None:
             raise self._error("stream ended early: no [DONE] and no finish_reason")
         yield Finished(reason or "stop", usage or Usage(estimate_prompt_tokens(request), deltas))
@@ -300,17 +347,21 @@ class OpenAIBackend:
         finish = choices[0].get("finish_reason")
         return content, (str(finish) if finish else None), usage
 
-    async def _drain(self, lines: AsyncIterator[str], end: float) -> None:
+    async def _drain(self, body: aiohttp.StreamReader, end: float) -> None:
         """Read what follows [DONE] (normally nothing) so the connection can be reused."""
-        budget = min(_DRAIN_SECONDS, end - time.monotonic())
-        if budget <= 0:
-            return
         try:
+            while body.read_nowait():  # what has already arrived
+                pass
+            if body.is_eof():
+                return
+            budget = min(_DRAIN_SECONDS, end - time.monotonic())
+            if budget <= 0:
+                return
             async with asyncio.timeout(budget):
-                async for _ in lines:
+                while await body.readany():
                     pass
-        except (TimeoutError, httpx.HTTPError):
-            pass  # the response is closed by the caller either way
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            pass  # the response is released by the caller either way
 
     # -- errors ------------------------------------------------------------------------------
 
@@ -323,6 +374,89 @@ class OpenAIBackend:
             "the request deadline" if past else f"timeout_seconds={self.config.timeout_seconds:g}"
         )
         return self._error(f"timed out ({limit})", retryable=not past)
+
+
+class _Lines:
+    """Splits a body into text lines at CRLF, LF or CR (as server-sent events do), however its
+    bytes were cut into chunks; a line is only handed out once its end has arrived."""
+
+    __slots__ = ("_decoder", "_parts")
+
+    def __init__(self, encoding: str):
+        self._decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
+        self._parts: list[str] = []  # the start of a line whose end has not arrived
+
+    def feed(self, chunk: bytes) -> list[str]:
+        text = self._decoder.decode(chunk)
+        parts = self._parts
+        if "\n" not in text and "\r" not in text:
+            if text:
+                parts.append(text)
+            return []
+        if parts:
+            parts.append(text)
+            text = "".join(parts)
+            parts.clear()
+        if "\r" not in text:
+            lines = text.split("\n")
+            rest = lines.pop()
+            if rest:
+                parts.append(rest)
+            return lines
+        held = text.endswith("\r")  # perhaps the first half of a CRLF cut between chunks
+        if held:
+            text = text[:-1]
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        rest = lines.pop()
+        if rest or held:
+            parts.append(rest + "\r" if held else rest)
+        return lines
+
+    def close(self) -> list[str]:
+        """The lines left at the end of the body (the last one may lack its line end)."""
+        text = "".join(self._parts) + self._decoder.decode(b"", final=True)
+        self._parts.clear()
+        if not text:
+            return []
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        if not lines[-1]:
+            lines.pop()
+        return lines
+
+
+def _charset(response: aiohttp.ClientResponse) -> str:
+    """The body's text encoding: the Content-Type's charset when Python knows it, else UTF-8."""
+    charset = response.charset
+    if charset:
+        try:
+            codecs.lookup(charset)
+        except LookupError:
+            return "utf-8"
+        return charset
+    return "utf-8"
+
+
+def _environment_proxy(url: str) -> tuple[str | None, aiohttp.BasicAuth | None]:
+    """The proxy for ``url`` from the environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY and
+    NO_PROXY, as httpx read them), looked up once rather than on every request."""
+    target = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(target.scheme) or proxies.get("all")
+    if not proxy or (target.hostname and urllib.request.proxy_bypass(target.hostname)):
+        return None, None
+    if "://" not in proxy:
+        proxy = f"http://{proxy}"
+    parsed = urllib.parse.urlsplit(proxy)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        log.warning("ignoring a %s proxy for %s: only http(s) proxies work", parsed.scheme, url)
+        return None, None
+    auth = None
+    if parsed.username is not None:
+        auth = aiohttp.BasicAuth(
+            urllib.parse.unquote(parsed.username), urllib.parse.unquote(parsed.password or "")
+        )
+    netloc = parsed.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path, "", "")), auth
 
 
 def _usage(value: object) -> Usage | None:
