@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -153,3 +154,87 @@ def publish(
     written.append(png)
     print(markdown)
     say("wrote " + ", ".join(str(p) for p in written))
+
+
+def split_load(workers: int, concurrency: int, requests: int) -> list[tuple[int, int]]:
+    """(in-flight calls, requests) per client process for one concurrency level."""
+    used = min(workers, concurrency)
+    shares = [concurrency // used + (1 if i < concurrency % used else 0) for i in range(used)]
+    counts = [requests * s // concurrency for s in shares]
+    counts[0] += requests - sum(counts)
+    return list(zip(shares, counts, strict=True))
+
+
+class SpawnedClients:
+    """Client processes that warm up on a job, report ready, and start together on "go".
+
+    A worker receives a job, answers ``("ready", detail, warm-up errors)`` or
+    ``("error", message, {})``, waits for "go", then answers ``("done", result)`` or
+    ``("error", message)``; ``None`` ends it.
+    """
+
+    def __init__(self, worker: Callable[[Any], None], processes: int):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self.workers = []
+        for _ in range(processes):
+            parent, child = context.Pipe()
+            process = context.Process(target=worker, args=(child,), daemon=True)
+            process.start()
+            child.close()
+            self.workers.append((process, parent))
+
+    def execute(
+        self,
+        jobs: Sequence[Any],
+        *,
+        before_go: Callable[[], None] | None = None,
+        tick: Callable[[], None] | None = None,
+    ) -> tuple[list[Any], dict[str, int], list[Any]]:
+        """Run one job per worker; (ready details, warm-up errors, results). Raises on failure."""
+        import multiprocessing.connection
+
+        for (_, conn), job in zip(self.workers, jobs, strict=False):
+            conn.send(job)
+        details: list[Any] = []
+        warm_errors: dict[str, int] = {}
+        waiting, failures = [], []
+        for _, conn in self.workers[: len(jobs)]:
+            status, detail, errors = conn.recv()
+            if status == "error":  # that worker is idle again
+                failures.append(detail)
+                continue
+            waiting.append(conn)
+            details.append(detail)
+            for key, value in errors.items():
+                warm_errors[key] = warm_errors.get(key, 0) + value
+        if before_go is not None:
+            before_go()
+        for conn in waiting:  # every start signal goes out at once
+            conn.send("go")
+        results, pending = [], list(waiting)
+        while pending:
+            for conn in multiprocessing.connection.wait(pending, timeout=0.25):
+                message = conn.recv()
+                pending.remove(conn)
+                if message[0] == "done":
+                    results.append(message[1])
+                else:
+                    failures.append(message[1])
+            if tick is not None:
+                tick()
+        if failures:
+            raise RuntimeError("the benchmark client failed: " + "; ".join(map(str, failures)))
+        return details, warm_errors, results
+
+    def close(self) -> None:
+        for _, conn in self.workers:
+            with contextlib.suppress(OSError, BrokenPipeError):
+                conn.send(None)
+        for process, conn in self.workers:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)
+            conn.close()

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from bench.common import (
+    SpawnedClients,
     machine_facts,
     machine_markdown,
     markdown_table,
@@ -40,6 +41,7 @@ from bench.common import (
     publish,
     pyplot,
     say,
+    split_load,
 )
 
 METHOD = "/plexus.v1.Router/Route"
@@ -296,18 +298,9 @@ def client_worker(conn: Any) -> None:
         conn.send(("done", result))
 
 
-class ClientPool:
+class ClientPool(SpawnedClients):
     def __init__(self, processes: int):
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")
-        self.workers = []
-        for _ in range(processes):
-            parent, child = context.Pipe()
-            process = context.Process(target=client_worker, args=(child,), daemon=True)
-            process.start()
-            child.close()
-            self.workers.append((process, parent))
+        super().__init__(client_worker, processes)
 
     def run(
         self,
@@ -318,43 +311,26 @@ class ClientPool:
         requests: int,
         server_pid: int | None = None,
     ) -> dict[str, Any]:
-        used = min(len(self.workers), concurrency)
-        shares = [concurrency // used + (1 if i < concurrency % used else 0) for i in range(used)]
-        counts = [requests * s // concurrency for s in shares]
-        counts[0] += requests - sum(counts)
-        for i, ((_, conn), share, count) in enumerate(
-            zip(self.workers, shares, counts, strict=False)
-        ):
-            warmup = max(4 * share, count // 5, 20)
-            conn.send(Job(address, api_key, payloads, share, count, warmup, offset=i * 7))
-        routes: set[str] = set()
-        warm_errors: dict[str, int] = {}
-        waiting, failures = [], []
-        for _, conn in self.workers[:used]:
-            status, detail, errs = conn.recv()
-            if status == "error":  # that worker is idle again
-                failures.append(detail)
-                continue
-            waiting.append(conn)
-            if detail:
-                routes.add(detail)
-            for k, v in errs.items():
-                warm_errors[k] = warm_errors.get(k, 0) + v
-        if warm_errors and not routes:
-            failures.append(f"every warm-up call to {address} failed: {warm_errors}")
-        cpu_before = process_cpu_seconds(server_pid)
-        for conn in waiting:  # every start signal goes out at once
-            conn.send("go")
-        results = []
-        for conn in waiting:
-            message = conn.recv()
-            if message[0] == "done":
-                results.append(message[1])
-            else:
-                failures.append(message[1])
+        jobs = [
+            Job(
+                address,
+                api_key,
+                payloads,
+                share,
+                count,
+                max(4 * share, count // 5, 20),
+                offset=i * 7,
+            )
+            for i, (share, count) in enumerate(split_load(len(self.workers), concurrency, requests))
+        ]
+        cpu: dict[str, float | None] = {}
+        details, warm_errors, results = self.execute(
+            jobs, before_go=lambda: cpu.update(before=process_cpu_seconds(server_pid))
+        )
         cpu_after = process_cpu_seconds(server_pid)
-        if failures:
-            raise RuntimeError("the benchmark client failed: " + "; ".join(failures))
+        routes = {d for d in details if d}
+        if warm_errors and not routes:
+            raise RuntimeError(f"every warm-up call to {address} failed: {warm_errors}")
         latencies = array("q")
         errors: dict[str, int] = {}
         for result in results:
@@ -363,26 +339,16 @@ class ClientPool:
                 errors[k] = errors.get(k, 0) + v
         start = min(r["start"] for r in results)
         end = max(r["end"] for r in results)
-        cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
+        before = cpu.get("before")
+        server_cpu = None if before is None or cpu_after is None else cpu_after - before
         return {
             "latencies": latencies,
             "seconds": (end - start) / 1e9,
             "errors": errors,
-            "server_cpu_seconds": cpu,
+            "server_cpu_seconds": server_cpu,
             "warmup_errors": warm_errors,
-            "routes": sorted(r for r in routes if r),
+            "routes": sorted(routes),
         }
-
-    def close(self) -> None:
-        for _, conn in self.workers:
-            with contextlib.suppress(OSError, BrokenPipeError):
-                conn.send(None)
-        for process, conn in self.workers:
-            process.join(timeout=5)
-            if process.is_alive():
-                process.kill()
-                process.join(timeout=5)
-            conn.close()
 
 
 # ----------------------------------------------------------------------------- the suite

@@ -25,7 +25,6 @@ import contextlib
 import http.client
 import json
 import math
-import multiprocessing.connection
 import os
 import select
 import sqlite3
@@ -43,12 +42,14 @@ import numpy as np
 import yaml
 
 from bench.common import (
+    SpawnedClients,
     machine_facts,
     machine_markdown,
     markdown_table,
     percentiles_us,
     pyplot,
     say,
+    split_load,
     write_report,
 )
 from bench.latency import (
@@ -579,18 +580,11 @@ class Run:
     rss_samples: list[tuple[float, float]] = field(default_factory=list)
 
 
-class ClientPool:
+class ClientPool(SpawnedClients):
     """``processes`` spawned client processes; the concurrency level is split between them."""
 
     def __init__(self, processes: int):
-        context = multiprocessing.get_context("spawn")
-        self.workers = []
-        for _ in range(processes):
-            parent, child = context.Pipe()
-            process = context.Process(target=client_worker, args=(child,), daemon=True)
-            process.start()
-            child.close()
-            self.workers.append((process, parent))
+        super().__init__(client_worker, processes)
 
     def run(
         self,
@@ -606,45 +600,25 @@ class ClientPool:
         before_go: Callable[[], None] | None = None,
         tick: Callable[[], None] | None = None,
     ) -> Run:
-        used = min(len(self.workers), concurrency)
-        shares = [concurrency // used + (1 if i < concurrency % used else 0) for i in range(used)]
-        counts = [requests * s // concurrency for s in shares]
-        counts[0] += requests - sum(counts)
-        for i, ((_, conn), share, count) in enumerate(
-            zip(self.workers, shares, counts, strict=False)
-        ):
-            warmup = 20 if seconds > 0 else max(4 * share, count // 5, 20)
-            job = Job(target, host, port, api_key, payloads, share, count, warmup, i * 5, seconds)
-            conn.send(job)
+        jobs = [
+            Job(
+                target,
+                host,
+                port,
+                api_key,
+                payloads,
+                share,
+                count,
+                20 if seconds > 0 else max(4 * share, count // 5, 20),
+                i * 5,
+                seconds,
+            )
+            for i, (share, count) in enumerate(split_load(len(self.workers), concurrency, requests))
+        ]
+        details, warm_errors, results = self.execute(jobs, before_go=before_go, tick=tick)
         routes: dict[int, str] = {}
-        warm_errors: dict[str, int] = {}
-        waiting, failures = [], []
-        for _, conn in self.workers[:used]:
-            status, detail, errs = conn.recv()
-            if status == "error":
-                failures.append(detail)
-                continue
-            waiting.append(conn)
+        for detail in details:
             routes.update(detail)
-            for k, v in errs.items():
-                warm_errors[k] = warm_errors.get(k, 0) + v
-        if before_go is not None:
-            before_go()
-        for conn in waiting:  # every start signal goes out at once
-            conn.send("go")
-        results, pending = [], list(waiting)
-        while pending:
-            for conn in multiprocessing.connection.wait(pending, timeout=0.25):
-                message = conn.recv()
-                pending.remove(conn)
-                if message[0] == "done":
-                    results.append(message[1])
-                else:
-                    failures.append(message[1])
-            if tick is not None:
-                tick()
-        if failures:
-            raise RuntimeError("the benchmark client failed: " + "; ".join(failures))
         errors: dict[str, int] = {}
         examples: list[str] = []
         for result in results:
@@ -676,17 +650,6 @@ class ClientPool:
             examples=examples[:3],
             routes=routes,
         )
-
-    def close(self) -> None:
-        for _, conn in self.workers:
-            with contextlib.suppress(OSError, BrokenPipeError):
-                conn.send(None)
-        for process, conn in self.workers:
-            process.join(timeout=5)
-            if process.is_alive():
-                process.kill()
-                process.join(timeout=5)
-            conn.close()
 
 
 # ----------------------------------------------------------------------------- measuring
