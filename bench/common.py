@@ -238,3 +238,45 @@ class SpawnedClients:
                 process.kill()
                 process.join(timeout=5)
             conn.close()
+
+
+def train_fast_models(loaded: Any) -> dict[str, dict[str, Any]]:
+    """Train every tenant's fast-family model into the config's model dir; a summary each."""
+    from router.routing.tenant_training import train_tenant
+
+    models = {}
+    for tenant in sorted(loaded.config.tenants):
+        say(f"training tenant {tenant!r} (fast family)")
+        result = train_tenant(loaded, tenant, family="fast", progress=say)
+        card = result.trained.card
+        models[tenant] = {
+            "version": result.version,
+            "family": card.family,
+            "labels": len(card.labels),
+            "threshold": card.threshold,
+            "train_seconds": round(result.trained.seconds, 2),
+            "heldout_inscope_accuracy": card.metrics.get("inscope_accuracy"),
+        }
+    return models
+
+
+def stop_when_parent_exits(loop: Any, stop: Any) -> None:
+    """Set ``stop`` when standard input (a pipe from the parent benchmark) reaches EOF."""
+    import os
+    import stat
+    import sys
+
+    stdin = sys.stdin.fileno() if sys.stdin is not None else -1
+    if stdin < 0 or not stat.S_ISFIFO(os.fstat(stdin).st_mode):
+        return
+
+    def stdin_readable() -> None:
+        try:
+            data = os.read(stdin, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(stdin)
+            stop.set()
+
+    loop.add_reader(stdin, stdin_readable)

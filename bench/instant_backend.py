@@ -28,12 +28,13 @@ import gc
 import json
 import os
 import signal
-import stat
 import sys
 import time
 from array import array
 from pathlib import Path
 from typing import Any
+
+from bench.common import stop_when_parent_exits
 
 MODEL = "instant"
 REPLY_TEXT = "Your order is on its way and arrives tomorrow."
@@ -278,19 +279,7 @@ async def serve(portfile: Path) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    stdin = sys.stdin.fileno() if sys.stdin is not None else -1
-    if stdin >= 0 and stat.S_ISFIFO(os.fstat(stdin).st_mode):
-
-        def stdin_readable() -> None:  # EOF: the parent died or closed the pipe
-            try:
-                data = os.read(stdin, 4096)
-            except OSError:
-                data = b""
-            if not data:
-                loop.remove_reader(stdin)
-                stop.set()
-
-        loop.add_reader(stdin, stdin_readable)
+    stop_when_parent_exits(loop, stop)  # EOF on stdin: the parent died or closed the pipe
     await stop.wait()
     server.close()
 

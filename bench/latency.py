@@ -42,6 +42,8 @@ from bench.common import (
     pyplot,
     say,
     split_load,
+    stop_when_parent_exits,
+    train_fast_models,
 )
 
 METHOD = "/plexus.v1.Router/Route"
@@ -135,18 +137,7 @@ async def _serve(kind: str, config_path: Path) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    stdin = sys.stdin.fileno()
-
-    def stdin_readable() -> None:  # EOF: the parent died or closed the pipe, so stop
-        try:
-            data = os.read(stdin, 4096)
-        except OSError:
-            data = b""
-        if not data:
-            loop.remove_reader(stdin)
-            stop.set()
-
-    loop.add_reader(stdin, stdin_readable)
+    stop_when_parent_exits(loop, stop)  # EOF on stdin: the parent died or closed the pipe
     await stop.wait()
     if plexus is not None:
         await plexus.stop(grace=0)
@@ -357,7 +348,6 @@ class ClientPool(SpawnedClients):
 def prepare_config(config_path: Path, workdir: Path) -> tuple[Path, dict[str, Any]]:
     """A copy of the config whose models live in ``workdir``, trained now (fast family)."""
     from router.config import load_config
-    from router.routing.tenant_training import train_tenant
 
     original = load_config(config_path)
     raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
@@ -372,21 +362,7 @@ def prepare_config(config_path: Path, workdir: Path) -> tuple[Path, dict[str, An
             model["data"] = str(original.resolve(Path(model["data"])))
     copy = workdir / "plexus.yaml"
     copy.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    loaded = load_config(copy)
-    models = {}
-    for tenant in sorted(loaded.config.tenants):
-        say(f"training tenant {tenant!r} (fast family)")
-        result = train_tenant(loaded, tenant, family="fast", progress=say)
-        card = result.trained.card
-        models[tenant] = {
-            "version": result.version,
-            "family": card.family,
-            "labels": len(card.labels),
-            "threshold": card.threshold,
-            "train_seconds": round(result.trained.seconds, 2),
-            "heldout_inscope_accuracy": card.metrics.get("inscope_accuracy"),
-        }
-    return copy, models
+    return copy, train_fast_models(load_config(copy))
 
 
 def _payloads(config_path: Path) -> tuple[list[bytes], str]:

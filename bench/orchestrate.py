@@ -50,6 +50,7 @@ from bench.common import (
     pyplot,
     say,
     split_load,
+    train_fast_models,
     write_report,
 )
 from bench.latency import (
@@ -105,7 +106,6 @@ def prepare_config(
     ingested from ``knowledge/``, every backend an openai backend at ``backend_url``."""
     from router.config import load_config
     from router.context.ingest import ingest
-    from router.routing.tenant_training import train_tenant
 
     original = load_config(config_path)
     if TENANT not in original.config.tenants:
@@ -150,18 +150,7 @@ def prepare_config(
     copy.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     loaded = load_config(copy)
 
-    models = {}
-    for tenant in sorted(loaded.config.tenants):
-        say(f"training tenant {tenant!r} (fast family)")
-        result = train_tenant(loaded, tenant, family="fast", progress=say)
-        card = result.trained.card
-        models[tenant] = {
-            "version": result.version,
-            "family": card.family,
-            "labels": len(card.labels),
-            "threshold": card.threshold,
-            "train_seconds": round(result.trained.seconds, 2),
-        }
+    models = train_fast_models(loaded)
     knowledge = source_dir / "knowledge"
     sets = {
         "policies": sorted(p for p in knowledge.glob("*") if p.suffix in (".md", ".html", ".txt")),
