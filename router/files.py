@@ -1,10 +1,23 @@
-"""Durable file writes: a file appears whole under its name, or not at all."""
+"""Files: durable writes, JSON Lines rows, and the names of numbered versions.
+
+A durable write makes a file appear whole under its name, or not at all. Model registries and
+collections both name their versions ``v0001``, ``v0002``, ...
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
+
+Progress = Callable[[str], None]
+"""Where an offline job (training, ingestion) reports what it is doing, one line at a time."""
+
+VERSION_PATTERN = re.compile(r"v(\d{4,})")
 
 
 def fsync_dir(directory: Path) -> None:
@@ -30,3 +43,41 @@ def atomic_write(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def jsonl_objects(
+    lines: Iterable[str], error: Callable[[str], Exception]
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line of JSON Lines text, numbered from 1.
+
+    A line that is not JSON, or not a JSON object, raises ``error(message)``; the message
+    starts with ``line N:``.
+    """
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise error(f"line {number}: invalid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise error(f"line {number}: expected a JSON object")
+        yield number, row
+
+
+def version_number(name: str) -> int | None:
+    """``7`` for ``v0007``; None for anything that is not a version name."""
+    match = VERSION_PATTERN.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def sorted_versions(names: Iterable[str]) -> list[str]:
+    """The version names among ``names``, oldest first."""
+    numbered = [(number, name) for name in names if (number := version_number(name)) is not None]
+    return [name for _, name in sorted(numbered)]
+
+
+def next_version(existing: Iterable[str]) -> str:
+    """The version name after the newest of ``existing`` (``v0001`` when there is none)."""
+    numbers = [n for n in map(version_number, existing) if n is not None]
+    return f"v{max(numbers, default=0) + 1:04d}"

@@ -154,6 +154,7 @@ class CountingEncoder:
     """A test double for the sentence encoder: records how many calls it gets."""
 
     dim = 4
+    name = "counting"
 
     def __init__(self) -> None:
         self.calls: list[int] = []

@@ -20,7 +20,6 @@ from router.context.collections import CURRENT_FILE, TEMP_PREFIX, Collection, co
 from router.context.ingest import (
     chunk_text,
     clean_text,
-    count_tokens,
     html_to_text,
     ingest,
     markdown_to_text,
@@ -28,7 +27,7 @@ from router.context.ingest import (
 )
 from router.context.types import StoredChunk
 from router.errors import NotFound
-from router.routing.encoder import bulk_encoder
+from router.routing.encoder import bulk_encoder, plain_tokenizer
 
 from .test_collections import make_config
 
@@ -183,9 +182,11 @@ def test_every_format_is_read_cleaned_and_ingested(tmp_path: Path, loaded: Loade
 
 
 def _tokens(text: str) -> list[str]:
-    from router.context.ingest import chunk_tokenizer
+    return plain_tokenizer().encode(text, add_special_tokens=False).tokens
 
-    return chunk_tokenizer().encode(text, add_special_tokens=False).tokens
+
+def count_tokens(text: str) -> int:
+    return len(_tokens(text))
 
 
 def test_chunks_respect_size_and_overlap() -> None:

@@ -11,15 +11,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Protocol
 
 import numpy as np
 
-
-class Encoder(Protocol):
-    dim: int
-
-    def encode(self, texts: list[str]) -> np.ndarray: ...
+from router.routing.encoder import Encoder
 
 
 class BatchingEncoder:

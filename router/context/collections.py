@@ -39,11 +39,10 @@ import numpy as np
 from router.config import NAME_PATTERN, CollectionConfig, LoadedConfig
 from router.context.types import ChunkRecord, SearchHit, StoredChunk
 from router.errors import FailedPrecondition, InvalidArgument, NotFound
-from router.files import atomic_write, fsync_dir
+from router.files import atomic_write, fsync_dir, next_version, sorted_versions, version_number
 
 log = logging.getLogger(__name__)
 
-VERSION_PATTERN = re.compile(r"v(\d{4,})")
 CURRENT_FILE = "CURRENT"
 CHUNKS_FILE = "chunks.sqlite"
 INDEX_FILE = "index.faiss"
@@ -118,7 +117,6 @@ def collection_dir(
     elsewhere is refused.
     """
     check_names(tenant, name, configured)
-    # links may lead to DATA_DIR, but not out of a tenant's folder or its collections folder
     root = collections_root(Path(data_dir).resolve(), tenant)
     path = (root / name).resolve()
     if not path.is_relative_to(root) or path.parent != root:
@@ -135,19 +133,11 @@ def tenant_collection_config(loaded: LoadedConfig, tenant: str, name: str) -> Co
     return tenant_config.collections[name]
 
 
-def _version_number(name: str) -> int | None:
-    match = VERSION_PATTERN.fullmatch(name)
-    return int(match.group(1)) if match else None
-
-
 def _versions(directory: Path) -> list[str]:
     """Published version directories, oldest first."""
     if not directory.is_dir():
         return []
-    found = [
-        p.name for p in directory.iterdir() if p.is_dir() and _version_number(p.name) is not None
-    ]
-    return sorted(found, key=lambda v: _version_number(v) or 0)
+    return sorted_versions(p.name for p in directory.iterdir() if p.is_dir())
 
 
 def _current_version(directory: Path) -> str | None:
@@ -157,7 +147,7 @@ def _current_version(directory: Path) -> str | None:
         name = pointer.read_text(encoding="utf-8").strip()
     except (FileNotFoundError, NotADirectoryError):
         return None
-    if _version_number(name) is None or not (directory / name / META_FILE).is_file():
+    if version_number(name) is None or not (directory / name / META_FILE).is_file():
         log.warning("%s names %r, which is not a complete version", pointer, name)
         return None
     return name
@@ -399,10 +389,6 @@ class CollectionWriter:
     ) -> None:
         self.abort()  # after a commit there is nothing left to abort
 
-    @property
-    def is_open(self) -> bool:
-        return self._conn is not None
-
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
             raise FailedPrecondition("this collection writer is closed (committed or aborted)")
@@ -425,10 +411,6 @@ class CollectionWriter:
     @property
     def size(self) -> int:
         return int(self._db().execute("SELECT COUNT(*) FROM chunks").fetchone()[0])
-
-    def sources(self) -> dict[str, str]:
-        """Every stored source and its digest."""
-        return dict(self._db().execute("SELECT source, digest FROM sources").fetchall())
 
     def source_digest(self, source: str) -> str | None:
         row = self._db().execute("SELECT digest FROM sources WHERE source = ?", (source,))
@@ -535,10 +517,6 @@ class CollectionWriter:
 
     # -- publishing
 
-    def _next_version(self) -> str:
-        numbers = [_version_number(v) or 0 for v in _versions(self.directory)]
-        return f"v{max(numbers, default=0) + 1:04d}"
-
     def commit(self) -> str:
         """Build the index, publish the version, point ``CURRENT`` at it; its name."""
         db = self._db()
@@ -574,7 +552,7 @@ class CollectionWriter:
         _fsync_file(self._tmp / META_FILE)
         os.chmod(self._tmp, 0o755)  # mkdtemp makes it private to the writing user
         fsync_dir(self._tmp)
-        version = self._next_version()
+        version = next_version(_versions(self.directory))
         os.rename(self._tmp, self.directory / version)
         self._tmp = None
         fsync_dir(self.directory)
@@ -680,7 +658,7 @@ class Collection:
         device: str = "cpu",
     ) -> Collection:
         """One published version from a checked collection directory."""
-        if _version_number(version) is None:
+        if version_number(version) is None:
             raise NotFound(f"{_shown(version)} is not a collection version (v0001, v0002, ...)")
         path = directory / version
         meta = read_meta(directory, version)
@@ -869,9 +847,6 @@ class TenantCollections:
     def names(self) -> list[str]:
         """The loaded (ingested) collections."""
         return sorted(self._collections)
-
-    def configured(self) -> list[str]:
-        return sorted(self._configs)
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self._collections

@@ -23,33 +23,26 @@ from dataclasses import dataclass, field
 from functools import cache
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from router.config import LoadedConfig
 from router.context.collections import CollectionWriter, tenant_collection_config
 from router.context.types import ChunkRecord, IngestReport
 from router.errors import InvalidArgument
+from router.files import Progress, jsonl_objects
+from router.routing.encoder import (
+    MAX_TOKENS,
+    Encoder,
+    bulk_encoder,
+    encode_in_batches,
+    plain_tokenizer,
+)
 
-Progress = Callable[[str], None]
-
-EMBED_BATCH = 256  # texts per encoder call (the encoder sorts each call by length)
 BOUNDARY_ZONE = 0.2  # a window may end early at a boundary within its last 20%
-ENCODER_MAX_TOKENS = 256  # all-MiniLM-L6-v2 as shipped truncates longer inputs
 _SENTENCE_END = frozenset(".!?…。！？;")
 _CLOSERS = frozenset("\"')]}»”’")
-
-
-class Encoder(Protocol):
-    """What ingestion needs of an encoder: ``encode(texts) -> float32[n, dim]``."""
-
-    dim: int
-    name: str
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
 class ReadError(Exception):
@@ -364,16 +357,8 @@ def _record_id(value: Any, where: str) -> str | None:
 
 def _read_jsonl(path: Path, source: str) -> list[Document]:
     documents = []
-    for number, line in enumerate(_decode(path).splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, record in jsonl_objects(_decode(path).splitlines(), ReadError):
         where = f"line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ReadError(f"{where}: invalid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise ReadError(f"{where}: expected a JSON object")
         text = record.get("text")
         if not isinstance(text, str):
             raise ReadError(f"{where}: expected a string 'text'")
@@ -486,21 +471,6 @@ def read_documents(paths: Sequence[Path]) -> tuple[list[Document], dict[str, str
 # chunking
 
 
-@cache
-def chunk_tokenizer() -> Tokenizer:
-    """The encoder's WordPiece tokenizer with padding and truncation off."""
-    from router.routing.encoder import tokenizer_file
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_file()))
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    return tokenizer
-
-
-def count_tokens(text: str) -> int:
-    return len(chunk_tokenizer().encode(text, add_special_tokens=False).ids)
-
-
 def chunk_text(text: str, chunk_tokens: int, chunk_overlap: int) -> list[str]:
     """Spans of ``text`` of at most ``chunk_tokens`` tokens, each starting at most
     ``chunk_overlap`` tokens before the previous one ends: at the first sentence or paragraph
@@ -511,7 +481,7 @@ def chunk_text(text: str, chunk_tokens: int, chunk_overlap: int) -> list[str]:
     """
     if chunk_overlap >= chunk_tokens:
         raise InvalidArgument("chunk_overlap must be smaller than chunk_tokens")
-    encoding = chunk_tokenizer().encode(text, add_special_tokens=False)
+    encoding = plain_tokenizer().encode(text, add_special_tokens=False)
     offsets = encoding.offsets
     count = len(offsets)
     if count == 0:
@@ -577,8 +547,8 @@ def chunk_text(text: str, chunk_tokens: int, chunk_overlap: int) -> list[str]:
 
 
 @dataclass
-class _Plan:
-    """A new or changed document: its chunks and their embeddings' place in the batch."""
+class _DocumentChunks:
+    """A new or changed document and the chunks it is stored as."""
 
     document: Document
     digest: str
@@ -609,17 +579,8 @@ def _merge_tags(*groups: Sequence[str]) -> tuple[str, ...]:
 
 
 def _embed(encoder: Encoder, texts: list[str], dim: int) -> np.ndarray:
-    out = np.empty((len(texts), dim), dtype=np.float32)
-    with tqdm(total=len(texts), unit="chunk", desc="embedding", disable=None) as bar:
-        for start in range(0, len(texts), EMBED_BATCH):
-            batch = texts[start : start + EMBED_BATCH]
-            vectors = np.asarray(encoder.encode(batch), dtype=np.float32)
-            if vectors.shape != (len(batch), dim):
-                raise InvalidArgument(
-                    f"the encoder returned shape {vectors.shape} for {len(batch)} texts"
-                )
-            out[start : start + len(batch)] = vectors
-            bar.update(len(batch))
+    """Unit-norm embeddings of ``texts`` (whether or not the encoder normalises its own)."""
+    out = encode_in_batches(encoder.encode, texts, dim, progress="embedding", unit="chunk")
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return out / np.maximum(norms, 1e-12)
 
@@ -663,17 +624,15 @@ def ingest(
     documents, skipped = read_documents(paths)
     report = IngestReport(collection=collection, skipped_files=skipped)
     say(f"read {len(documents)} documents ({len(skipped)} files skipped)")
-    if config.chunk_tokens + 2 > ENCODER_MAX_TOKENS:
+    if config.chunk_tokens + 2 > MAX_TOKENS:
         say(
             f"warning: chunk_tokens {config.chunk_tokens} exceeds what the encoder reads "
-            f"({ENCODER_MAX_TOKENS - 2} tokens); chunk ends will not count in their embedding"
+            f"({MAX_TOKENS - 2} tokens); chunk ends will not count in their embedding"
         )
     if encoder is None:
-        from router.routing.encoder import bulk_encoder
-
         encoder = bulk_encoder()
     dim = int(encoder.dim)
-    encoder_name = str(getattr(encoder, "name", ""))
+    encoder_name = str(encoder.name)
     with CollectionWriter(
         loaded.data_dir,
         tenant,
@@ -689,7 +648,7 @@ def ingest(
             else:
                 report.skipped_files[source] = "not in the collection (nothing to delete)"
 
-        plans: list[_Plan] = []
+        pending: list[_DocumentChunks] = []
         for document in documents:
             text = clean_text(document.text)
             if not text:
@@ -709,42 +668,47 @@ def ingest(
             else:
                 report.replaced_sources.append(document.source)
                 writer.delete_source(document.source)  # its old chunks are no duplicates
-            plan = _Plan(Document(document.source, text, title, doc_tags), digest)
+            changed = _DocumentChunks(Document(document.source, text, title, doc_tags), digest)
             for position, piece in enumerate(
                 chunk_text(text, config.chunk_tokens, config.chunk_overlap)
             ):
-                plan.chunks.append(ChunkRecord(document.source, position, piece, doc_tags, title))
-            plans.append(plan)
+                changed.chunks.append(
+                    ChunkRecord(document.source, position, piece, doc_tags, title)
+                )
+            pending.append(changed)
 
         # exact duplicates (casefolded, whitespace collapsed) go before anything is embedded
         seen = {text_key(text) for text in writer.texts()}
-        for plan in plans:
+        for changed in pending:
             unique = []
-            for chunk in plan.chunks:
+            for chunk in changed.chunks:
                 key = text_key(chunk.text)
                 if key in seen:
                     report.duplicates_dropped += 1
                 else:
                     seen.add(key)
                     unique.append(chunk)
-            plan.chunks = unique
+            changed.chunks = unique
 
-        texts = [chunk.text for plan in plans for chunk in plan.chunks]
+        texts = [chunk.text for changed in pending for chunk in changed.chunks]
         if texts:
-            say(f"embedding {len(texts)} chunks from {len(plans)} documents")
+            say(f"embedding {len(texts)} chunks from {len(pending)} documents")
         embeddings = _embed(encoder, texts, dim)
 
         offset = 0
-        for plan in plans:
-            vectors = embeddings[offset : offset + len(plan.chunks)]
-            offset += len(plan.chunks)
+        for changed in pending:
+            vectors = embeddings[offset : offset + len(changed.chunks)]
+            offset += len(changed.chunks)
             stored_best = (
                 writer.max_similarity(vectors) if len(vectors) else np.empty(0, np.float32)
             )
             kept = _near_duplicates(vectors, stored_best, config.near_duplicate)
-            report.duplicates_dropped += len(plan.chunks) - len(kept)
+            report.duplicates_dropped += len(changed.chunks) - len(kept)
             writer.replace_source(
-                plan.document.source, [plan.chunks[i] for i in kept], vectors[kept], plan.digest
+                changed.document.source,
+                [changed.chunks[i] for i in kept],
+                vectors[kept],
+                changed.digest,
             )
             report.chunks_written += len(kept)
 

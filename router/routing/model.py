@@ -15,15 +15,16 @@ Contract (version 1), checked when a file is loaded:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from router.routing.encoder import inference_session
 from router.routing.featurizer import USING_NATIVE, Featurizer, FeaturizerParams
 
 if USING_NATIVE:
@@ -239,7 +240,9 @@ class NativeLinearHead:
         return _linear_head_probs(ids, self.remap, self.weights, self.bias, self.pad_id)
 
 
-def _node_signature(nodes) -> list[tuple]:  # type: ignore[no-untyped-def]
+def _node_signature(
+    nodes: Iterable[onnx.NodeProto],
+) -> list[tuple[str, list[str], list[str], list[bytes]]]:
     return [
         (
             n.op_type,
@@ -249,15 +252,6 @@ def _node_signature(nodes) -> list[tuple]:  # type: ignore[no-untyped-def]
         )
         for n in nodes
     ]
-
-
-def _session(model_bytes: bytes, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
 class Classifier:
@@ -274,7 +268,7 @@ class Classifier:
         self.version = version
         self.source = source
         try:
-            self._session = _session(model_bytes, threads)
+            self._session = inference_session(model_bytes, threads)
         except Exception as exc:  # onnxruntime raises several unrelated exception types
             raise ModelContractError(f"{source}: onnxruntime cannot load it: {exc}") from None
         meta = dict(self._session.get_modelmeta().custom_metadata_map)
