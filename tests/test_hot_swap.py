@@ -15,10 +15,11 @@ import yaml
 from router._generated.plexus.v1 import plexus_pb2 as pb
 from router._generated.plexus.v1 import plexus_pb2_grpc as pb_grpc
 from router.config import LoadedConfig, parse_config
+from router.routing.examples import Examples
 from router.routing.featurizer import FeaturizerParams
 from router.routing.registry import ModelRegistry
 from router.routing.tenant_training import tenant_examples
-from router.routing.training import Examples, train_model
+from router.routing.training import train_model
 
 from .conftest import ADMIN_KEY, DEMO_KEY, RunningServer
 
@@ -142,7 +143,7 @@ def test_a_worse_model_is_refused_unless_forced_and_rollback_restores(swap_serve
             pb.RouteRequest(app="storefront", text="hi there"), metadata=META_DEMO, timeout=10
         )
         assert reply.model_version == "v0001"
-        active_file = Path(swap_server.server.router.loaded.model_dir) / "retail" / "ACTIVE"
+        active_file = Path(swap_server.server.plexus.loaded.model_dir) / "retail" / "ACTIVE"
         assert active_file.read_text().strip() == "v0001"
 
 

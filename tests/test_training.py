@@ -10,16 +10,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from router.routing.examples import DatasetError, Examples, read_examples
 from router.routing.featurizer import FeaturizerParams
+from router.routing.metrics import decide_rows
 from router.routing.model import Classifier, ModelCard, ModelContractError, build_linear_onnx
-from router.routing.training import (
-    DatasetError,
-    Examples,
-    calibrate_threshold,
-    decide,
-    read_examples,
-    train_model,
-)
+from router.routing.training import calibrate_threshold, train_model
 
 ROUTES = {
     "order_status": [
@@ -134,7 +129,7 @@ def test_calibration_uses_out_of_scope_examples():
     truth = ["a", "b", "oos", "oos"]
     threshold = calibrate_threshold(probs, truth, labels, "oos")
     assert 0.45 < threshold <= 0.8
-    result = decide(probs, labels, "oos", threshold)
+    result = decide_rows(probs, labels, "oos", threshold)
     assert result.predicted == ["a", "b", "oos", "oos"]
 
 
@@ -151,7 +146,7 @@ def test_read_examples_jsonl_and_csv(tmp_path: Path):
         read_examples(bad)
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n")
-    with pytest.raises(DatasetError, match="line 1: not JSON"):
+    with pytest.raises(DatasetError, match=r"broken.jsonl: line 1: invalid JSON"):
         read_examples(broken)
 
 

@@ -7,13 +7,11 @@ write goes to a temporary file first and is renamed into place.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from router.files import atomic_write
-from router.routing.training import Examples, read_examples
+from router.files import atomic_write, next_version, sorted_versions, version_number
+from router.routing.examples import Examples, read_examples
 
-VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
 ACTIVE_FILE = "ACTIVE"
 
 
@@ -31,15 +29,14 @@ class ModelRegistry:
     def versions(self) -> list[str]:
         if not self.directory.is_dir():
             return []
-        found = [p.stem for p in self.directory.glob("v*.onnx") if VERSION_PATTERN.match(p.stem)]
-        return sorted(found, key=lambda v: int(v[1:]))
+        return sorted_versions(p.stem for p in self.directory.glob("v*.onnx"))
 
     def newest(self) -> str | None:
         versions = self.versions()
         return versions[-1] if versions else None
 
     def path(self, version: str) -> Path:
-        if not VERSION_PATTERN.match(version):
+        if version_number(version) is None:
             raise RegistryError(f"{version!r} is not a version name (expected v0001, v0002, ...)")
         path = self.directory / f"{version}.onnx"
         if not path.is_file():
@@ -55,8 +52,7 @@ class ModelRegistry:
 
     def add(self, model_bytes: bytes, heldout: Examples | None) -> str:
         """Store a new version (model file and its held-out set); returns its name."""
-        newest = self.newest()
-        version = f"v{(int(newest[1:]) + 1 if newest else 1):04d}"
+        version = next_version(self.versions())
         if heldout is not None:
             atomic_write(
                 self.directory / f"{version}.heldout.jsonl", heldout.to_jsonl().encode("utf-8")

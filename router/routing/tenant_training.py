@@ -6,17 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from router.config import LoadedConfig
+from router.files import Progress
+from router.routing.examples import DEFAULT_OOS_LABEL, DatasetError, Examples, read_examples
 from router.routing.featurizer import FeaturizerParams
 from router.routing.registry import ModelRegistry
-from router.routing.training import (
-    DEFAULT_OOS_LABEL,
-    DatasetError,
-    Examples,
-    Progress,
-    TrainedModel,
-    read_examples,
-    train_model,
-)
+from router.routing.training import TrainedModel, train_model
 
 
 @dataclass
