@@ -1,4 +1,4 @@
-"""``plexus bench accuracy --data data_full.json``: CLINC150 accuracy per model family.
+"""CLINC150 accuracy per model family (``--data`` is CLINC150's ``data_full.json``).
 
 For each family the model is trained on ``train`` + ``oos_train``, its abstain threshold is
 calibrated on ``val`` + ``oos_val`` (as ``train_model`` does with a given held-out set), and it
@@ -18,25 +18,37 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import (
+from bench import api, common
+from bench.report import (
+    document,
+    fence,
     machine_facts,
-    machine_markdown,
-    markdown_table,
+    num,
+    pct,
+    percent,
     percentiles_us,
     publish,
-    pyplot,
     say,
+    table,
 )
 
 SPLITS = ("train", "val", "test", "oos_train", "oos_val", "oos_test")
 FAMILIES = ("fast", "accurate")
 OOS = "oos"
-# The targets from the issue: (minimum in-scope accuracy, minimum out-of-scope recall).
+# The targets per family: (minimum in-scope accuracy, minimum out-of-scope recall).
 TARGETS = {"fast": (0.90, 0.50), "accurate": (0.95, 0.60)}
 LATENCY_QUERIES = 1000
 LATENCY_WARMUP = 50
 PUBLISHED_SUFFIXES = {".md", ".csv", ".tsv", ".json"}
 PUBLISHED_MAX_CHARS = 1_000_000
+HELP = "CLINC150 accuracy per model family"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="path to CLINC150 data_full.json")
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    common.add_out(parser)
+    parser.add_argument("--seed", type=int, default=0)
 
 
 class DataError(ValueError):
@@ -44,8 +56,6 @@ class DataError(ValueError):
 
 
 def load_clinc(path: Path) -> dict[str, Any]:
-    from router.routing.training import Examples
-
     if not path.exists():
         raise DataError(f"{path}: no such file (give the path to CLINC150's data_full.json)")
     try:
@@ -69,7 +79,7 @@ def load_clinc(path: Path) -> dict[str, Any]:
                 raise DataError(f"{path}: {key}[{i}]: expected a [text, intent] pair")
             texts.append(row[0])
             labels.append(row[1])
-        splits[key] = Examples(texts, labels)
+        splits[key] = api.Examples(texts, labels)
     if not len(splits["test"]) or not len(splits["train"]):
         raise DataError(f"{path}: 'train' and 'test' must not be empty")
     return splits
@@ -110,9 +120,7 @@ def decision_latency(classifier: Any, texts: list[str]) -> dict[str, Any]:
 
     encoder = None
     if classifier.needs_embedding:
-        from router.routing.encoder import shared_encoder
-
-        encoder = shared_encoder()
+        encoder = api.shared_encoder()
 
     def once(text: str) -> tuple[int, int, int]:
         t0 = time.perf_counter_ns()
@@ -167,25 +175,22 @@ def meets(metrics: dict[str, float], family: str) -> bool:
 
 
 def run_family(family: str, splits: dict[str, Any], seed: int) -> dict[str, Any]:
-    from router.routing.model import Classifier
-    from router.routing.training import evaluate, predict_texts, threshold_curve, train_model
-
     train = splits["train"] + splits["oos_train"]
     heldout = splits["val"] + splits["oos_val"]
     test = splits["test"] + splits["oos_test"]
     say(f"[{family}] training on {len(train)} examples, calibrating on {len(heldout)}")
     wall = time.perf_counter()
-    trained = train_model(
+    trained = api.train_model(
         train, family=family, heldout=heldout, seed=seed, progress=lambda m: say(f"[{family}] {m}")
     )
     wall = time.perf_counter() - wall
-    classifier = Classifier(trained.model_bytes, f"clinc-{family}")
+    classifier = api.Classifier(trained.model_bytes, f"clinc-{family}")
     labels = classifier.labels
     threshold = trained.card.threshold
     say(f"[{family}] scoring {len(test)} test examples (threshold {threshold})")
-    probs = predict_texts(classifier, test.texts)
-    metrics = evaluate(probs, test.labels, labels, OOS, threshold)
-    curve = threshold_curve(probs, test.labels, labels, OOS)
+    probs = api.predict_texts(classifier, test.texts)
+    metrics = api.evaluate(probs, test.labels, labels, OOS, threshold)
+    curve = api.threshold_curve(probs, test.labels, labels, OOS)
     rng = np.random.default_rng(seed)
     count = min(LATENCY_QUERIES, len(test))
     sample = [test.texts[i] for i in rng.permutation(len(test))[:count]]
@@ -212,180 +217,106 @@ def run_family(family: str, splits: dict[str, Any], seed: int) -> dict[str, Any]
     }
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
+def _best_row(f: dict[str, Any]) -> dict[str, Any]:
+    goal = (
+        f"in-scope ≥ {pct(f['targets']['inscope_accuracy'])}, "
+        f"oos recall ≥ {pct(f['targets']['oos_recall'])}"
+    )
+    best = f["best_point_meeting_targets"]
+    if best is None:
+        return {"family": f["family"], "goal": goal, "threshold": "none on the curve"}
+    return {"family": f["family"], "goal": goal, **best, "threshold": f"{best['threshold']:.2f}"}
 
 
-def _us(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:,.0f}"
-
-
-def _fence(text: str) -> str:
-    longest, run = 0, 0
-    for char in text:
-        run = run + 1 if char == "`" else 0
-        longest = max(longest, run)
-    fence = "`" * max(3, longest + 1)
-    return f"{fence}\n{text.rstrip()}\n{fence}"
+def _published(published: dict[str, Any]) -> str:
+    if not published["files"]:
+        return (
+            f"No README, Markdown, CSV, TSV or JSON (other than data*.json) files were found in "
+            f"`{published['folder']}`, so no published results are shown here; compare by hand "
+            "with the CLINC150 paper (Larson et al., EMNLP 2019)."
+        )
+    return "\n\n".join(
+        f"### {item['name']}{' (truncated)' if item['truncated'] else ''}\n\n{fence(item['text'])}"
+        for item in published["files"]
+    )
 
 
 def to_markdown(report: dict[str, Any]) -> str:
-    d = report["dataset"]
-    families = report["families"]
-    main_table = markdown_table(
+    d, families = report["dataset"], report["families"]
+    quality = [
+        ("in-scope acc", percent("inscope_accuracy")),
+        ("oos recall", percent("oos_recall")),
+        ("oos precision", percent("oos_precision")),
+    ]
+    results = table(
+        [{**f, **f["test_metrics"]} for f in families],
         [
-            "family",
-            "threshold",
-            "in-scope acc",
-            "oos recall",
-            "oos precision",
-            "macro-F1",
-            "train s",
-            "p50 µs",
-            "p99 µs",
-            "meets targets",
-        ],
-        [
-            [
-                f["family"],
-                f"{f['threshold']:.2f}",
-                _pct(f["test_metrics"].get("inscope_accuracy")),
-                _pct(f["test_metrics"].get("oos_recall")),
-                _pct(f["test_metrics"].get("oos_precision")),
-                _pct(f["test_metrics"].get("macro_f1")),
-                f"{f['train_seconds']:.1f}",
-                _us(f["latency"]["p50_us"]),
-                _us(f["latency"]["p99_us"]),
-                "yes" if f["calibrated_meets_targets"] else "no",
-            ]
-            for f in families
+            ("family", "family"),
+            ("threshold", num("threshold", 2)),
+            *quality,
+            ("macro-F1", percent("macro_f1")),
+            ("train s", num("train_seconds", 1)),
+            ("p50 µs", num("latency.p50_us")),
+            ("p99 µs", num("latency.p99_us")),
+            ("meets targets", lambda f: "yes" if f["calibrated_meets_targets"] else "no"),
         ],
     )
-    target_rows = []
-    for f in families:
-        best = f["best_point_meeting_targets"]
-        goal = (
-            f"in-scope ≥ {_pct(f['targets']['inscope_accuracy'])}, "
-            f"oos recall ≥ {_pct(f['targets']['oos_recall'])}"
-        )
-        if best is None:
-            target_rows.append([f["family"], goal, "none on the curve", "", "", ""])
-        else:
-            target_rows.append(
-                [
-                    f["family"],
-                    goal,
-                    f"{best['threshold']:.2f}",
-                    _pct(best["inscope_accuracy"]),
-                    _pct(best["oos_recall"]),
-                    _pct(best.get("oos_precision")),
-                ]
-            )
-    targets = markdown_table(
-        ["family", "target", "threshold", "in-scope acc", "oos recall", "oos precision"],
-        target_rows,
+    best = table(
+        [_best_row(f) for f in families],
+        [("family", "family"), ("target", "goal"), ("threshold", "threshold"), *quality],
     )
-    latency = markdown_table(
+    latency = table(
+        families,
         [
-            "family",
-            "queries",
-            "featurize p50 µs",
-            "encode p50 µs",
-            "classify p50 µs",
-            "total p50 µs",
-            "total p99 µs",
-            "native featurizer",
+            ("family", "family"),
+            ("queries", "latency.queries"),
+            ("featurize p50 µs", num("latency.featurize_p50_us")),
+            ("encode p50 µs", num("latency.encode_p50_us")),
+            ("classify p50 µs", num("latency.classify_p50_us")),
+            ("total p50 µs", num("latency.p50_us")),
+            ("total p99 µs", num("latency.p99_us")),
+            ("native featurizer", "latency.native_featurizer"),
         ],
+    )
+    marks = [round(t, 2) for t in np.arange(0.0, 1.0, 0.1)]
+    curve = table(
         [
-            [
-                f["family"],
-                f["latency"]["queries"],
-                _us(f["latency"]["featurize_p50_us"]),
-                _us(f["latency"]["encode_p50_us"]),
-                _us(f["latency"]["classify_p50_us"]),
-                _us(f["latency"]["p50_us"]),
-                _us(f["latency"]["p99_us"]),
-                f["latency"]["native_featurizer"],
-            ]
+            {"family": f["family"], **point}
             for f in families
+            for point in f["curve"]
+            if any(abs(point["threshold"] - m) < 0.005 for m in marks)
         ],
+        [("family", "family"), ("threshold", num("threshold", 2)), *quality]
+        + [("macro-F1", percent("macro_f1"))],
     )
     steps = "featurize + classify"
     if any(f["family"] == "accurate" for f in families):
         steps = "featurize + encode (accurate) + classify"
     queries = max((f["latency"]["queries"] for f in families), default=0)
-    marks = [round(t, 2) for t in np.arange(0.0, 1.0, 0.1)]
-    curve_rows = []
-    for f in families:
-        for point in f["curve"]:
-            if any(abs(point["threshold"] - m) < 0.005 for m in marks):
-                curve_rows.append(
-                    [
-                        f["family"],
-                        f"{point['threshold']:.2f}",
-                        _pct(point.get("inscope_accuracy")),
-                        _pct(point.get("oos_recall")),
-                        _pct(point.get("oos_precision")),
-                        _pct(point.get("macro_f1")),
-                    ]
-                )
-    curve = markdown_table(
-        ["family", "threshold", "in-scope acc", "oos recall", "oos precision", "macro-F1"],
-        curve_rows,
-    )
-    published = report["published"]
-    if published["files"]:
-        parts = []
-        for item in published["files"]:
-            note = " (truncated)" if item["truncated"] else ""
-            parts.append(f"### {item['name']}{note}\n\n{_fence(item['text'])}")
-        published_md = "\n\n".join(parts)
-    else:
-        published_md = (
-            f"No README, Markdown, CSV, TSV or JSON (other than data*.json) files "
-            f"were found in `{published['folder']}`, so no published results are "
-            f"shown here; compare by hand with the CLINC150 paper (Larson et al., "
-            f"EMNLP 2019)."
-        )
-    return f"""# Plexus accuracy on CLINC150
-
-{machine_markdown(report["machine"])}
-
-- Data: `{d["path"]}`: {d["intents"]} in-scope intents; train {d["train"]} + oos_train \
-{d["oos_train"]}, val {d["val"]} + oos_val {d["oos_val"]}, test {d["test"]} + oos_test \
-{d["oos_test"]}; seed {report["seed"]}.
-- Each family trains on train + oos_train, calibrates its abstain threshold on val + oos_val, \
-and is scored on test + oos_test at that threshold. In-scope accuracy counts an abstention on \
-an in-scope query as an error.
-- Latency: one query at a time on one thread ({steps}), over {queries} test queries \
-(after a warm-up pass over up to {LATENCY_WARMUP} of them).
-
-## Results at the calibrated threshold (test set)
-
-{main_table}
-
-## Best threshold meeting the targets (chosen on the test curve, so optimistic)
-
-{targets}
-
-## Decision latency breakdown
-
-{latency}
-
-## Threshold curve (test set, every 0.1)
-
-{curve}
-
-Plot: `accuracy.png`. Run time {report["seconds"]} s.
-
-## Published results (from the dataset folder)
-
-{published_md}
-"""
+    notes = [
+        f"Data: `{d['path']}`: {d['intents']} in-scope intents; train {d['train']} + oos_train "
+        f"{d['oos_train']}, val {d['val']} + oos_val {d['oos_val']}, test {d['test']} + "
+        f"oos_test {d['oos_test']}; seed {report['seed']}.",
+        "Each family trains on train + oos_train, calibrates its abstain threshold on val + "
+        "oos_val, and is scored on test + oos_test at that threshold. In-scope accuracy counts "
+        "an abstention on an in-scope query as an error.",
+        f"Latency: one query at a time on one thread ({steps}), over {queries} test queries "
+        f"(after a warm-up pass over up to {LATENCY_WARMUP} of them).",
+    ]
+    sections = [
+        ("Results at the calibrated threshold (test set)", results),
+        ("Best threshold meeting the targets (chosen on the test curve, so optimistic)", best),
+        ("Decision latency breakdown", latency),
+        (
+            "Threshold curve (test set, every 0.1)",
+            f"{curve}\n\nPlot: `accuracy.png`. Run time {report['seconds']} s.",
+        ),
+        ("Published results (from the dataset folder)", _published(report["published"])),
+    ]
+    return document("Plexus accuracy on CLINC150", report, notes, sections)
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    plt = pyplot()
+def plot(report: dict[str, Any], plt: Any) -> Any:
     fig, ax = plt.subplots(figsize=(7, 5.5))
     colors = {"fast": "tab:blue", "accurate": "tab:orange"}
     for f in report["families"]:
@@ -421,21 +352,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(args: argparse.Namespace) -> int:
     data_path = Path(args.data)
     families = list(dict.fromkeys(args.families))
-    unknown = [f for f in families if f not in FAMILIES]
-    if unknown:
-        print(
-            f"plexus bench accuracy: error: unknown families {unknown} (have {list(FAMILIES)})",
-            file=sys.stderr,
-        )
-        return 2
     try:
         splits = load_clinc(data_path)
     except DataError as exc:

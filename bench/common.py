@@ -1,253 +1,89 @@
-"""Shared helpers for the benchmark suites: machine facts, percentiles, report files."""
+"""What several suites share: the demo config, a working copy of a config, argument types.
+
+:func:`workspace` writes a copy of a config into a temporary directory (models and data there,
+optionally every backend pointed at one OpenAI-compatible URL), trains the fast model, builds
+the SQL mirrors from ``NAME.sql`` next to the config and ingests ``knowledge/``.
+"""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import importlib.metadata
-import json
 import os
-import platform
-import sys
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+import sqlite3
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import yaml
 
-PACKAGES = ("numpy", "onnxruntime", "grpcio", "scikit-learn")
+from bench import api
+from bench.report import say
 
-
-def say(message: str) -> None:
-    """Progress goes to stderr so stdout keeps only the final table."""
-    print(f"  {message}", file=sys.stderr, flush=True)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+DEMO_CONFIG = Path("examples/retail/plexus.yaml")
+DEMO_KEY = "retail-demo-key"
+TENANT = "retail"
+DEFAULT_OUT = Path("bench/results")
+KNOWLEDGE_SETS = {"policies": (".md", ".html", ".txt"), "products": (".jsonl",)}
 
 
-def _memory_gib() -> float | None:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 1024 / 1024, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+def api_key() -> str:
+    """The key the clients send: ``PLEXUS_API_KEY``, else the retail demo's."""
+    return os.environ.get("PLEXUS_API_KEY", DEMO_KEY)
 
 
-def _os_name() -> str:
-    try:
-        with open("/etc/os-release", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("PRETTY_NAME="):
-                    return f"{line.split('=', 1)[1].strip().strip(chr(34))} ({platform.platform()})"
-    except OSError:
-        pass
-    return platform.platform()
+# ----------------------------------------------------------------------------- arguments
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+def _at_least(minimum: float, kind: type) -> Any:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
-def machine_facts() -> dict[str, Any]:
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cpu_model": _cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": usable,
-        "memory_gib": _memory_gib(),
-        "os": _os_name(),
-        "python": platform.python_version(),
-        "packages": {name: _version(name) for name in PACKAGES},
-    }
+positive = _at_least(1, int)
+non_negative = _at_least(0, int)
+non_negative_float = _at_least(0, float)
 
 
-def machine_markdown(facts: dict[str, Any]) -> str:
-    packages = ", ".join(f"{k} {v}" for k, v in facts["packages"].items())
-    cores = f"{facts['cpu_cores']}"
-    if facts.get("cpu_cores_usable") not in (None, facts["cpu_cores"]):
-        cores += f" ({facts['cpu_cores_usable']} usable by this process)"
-    return "\n".join(
-        [
-            f"- Date: {facts['date']}",
-            f"- CPU: {facts['cpu_model']}, {cores} cores",
-            f"- Memory: {facts['memory_gib']} GiB",
-            f"- OS: {facts['os']}",
-            f"- Python {facts['python']}; {packages}",
-        ]
+def add_out(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="folder for NAME.json, NAME.md, NAME.png"
     )
 
 
-def percentiles_us(samples_ns: Sequence[int] | np.ndarray) -> dict[str, float]:
-    """p50 / p99 / p99.9 and mean of nanosecond samples, in microseconds."""
-    values = np.asarray(samples_ns, dtype=np.float64) / 1000.0
-    if values.size == 0:
-        return {
-            "p50": float("nan"),
-            "p99": float("nan"),
-            "p99_9": float("nan"),
-            "mean": float("nan"),
-        }
-    p50, p99, p999 = np.percentile(values, [50, 99, 99.9])
-    return {
-        "p50": float(p50),
-        "p99": float(p99),
-        "p99_9": float(p999),
-        "mean": float(values.mean()),
-    }
+def add_client(parser: argparse.ArgumentParser, requests: int) -> None:
+    """--config, --requests, --concurrency and --processes of the client-driven suites."""
+    parser.add_argument("--config", type=Path, default=DEMO_CONFIG)
+    parser.add_argument(
+        "--requests", type=positive, default=requests, help="requests per concurrency level"
+    )
+    parser.add_argument("--concurrency", type=positive, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--processes", type=positive, default=2, help="client processes")
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|",
-    ]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
+# ----------------------------------------------------------------------------- workspace
 
 
-def write_report(out_dir: Path, name: str, data: dict[str, Any], markdown: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"{name}.json"
-    md_path = out_dir / f"{name}.md"
-    json_path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    md_path.write_text(markdown.rstrip() + "\n", encoding="utf-8")
-    return [json_path, md_path]
-
-
-def pyplot():  # type: ignore[no-untyped-def]
-    """matplotlib's pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def publish(
-    out_dir: Path,
-    name: str,
-    report: dict[str, Any],
-    markdown: str,
-    plot: Callable[[dict[str, Any], Path], None],
-) -> None:
-    """Write NAME.json, NAME.md and NAME.png, print the Markdown, say where they went."""
-    written = write_report(out_dir, name, report, markdown)
-    png = out_dir / f"{name}.png"
-    plot(report, png)
-    written.append(png)
-    print(markdown)
-    say("wrote " + ", ".join(str(p) for p in written))
-
-
-def split_load(workers: int, concurrency: int, requests: int) -> list[tuple[int, int]]:
-    """(in-flight calls, requests) per client process for one concurrency level."""
-    used = min(workers, concurrency)
-    shares = [concurrency // used + (1 if i < concurrency % used else 0) for i in range(used)]
-    counts = [requests * s // concurrency for s in shares]
-    counts[0] += requests - sum(counts)
-    return list(zip(shares, counts, strict=True))
-
-
-class SpawnedClients:
-    """Client processes that warm up on a job, report ready, and start together on "go".
-
-    A worker receives a job, answers ``("ready", detail, warm-up errors)`` or
-    ``("error", message, {})``, waits for "go", then answers ``("done", result)`` or
-    ``("error", message)``; ``None`` ends it.
-    """
-
-    def __init__(self, worker: Callable[[Any], None], processes: int):
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")
-        self.workers = []
-        for _ in range(processes):
-            parent, child = context.Pipe()
-            process = context.Process(target=worker, args=(child,), daemon=True)
-            process.start()
-            child.close()
-            self.workers.append((process, parent))
-
-    def execute(
-        self,
-        jobs: Sequence[Any],
-        *,
-        before_go: Callable[[], None] | None = None,
-        tick: Callable[[], None] | None = None,
-    ) -> tuple[list[Any], dict[str, int], list[Any]]:
-        """Run one job per worker; (ready details, warm-up errors, results). Raises on failure."""
-        import multiprocessing.connection
-
-        for (_, conn), job in zip(self.workers, jobs, strict=False):
-            conn.send(job)
-        details: list[Any] = []
-        warm_errors: dict[str, int] = {}
-        waiting, failures = [], []
-        for _, conn in self.workers[: len(jobs)]:
-            status, detail, errors = conn.recv()
-            if status == "error":  # that worker is idle again
-                failures.append(detail)
-                continue
-            waiting.append(conn)
-            details.append(detail)
-            for key, value in errors.items():
-                warm_errors[key] = warm_errors.get(key, 0) + value
-        if before_go is not None:
-            before_go()
-        for conn in waiting:  # every start signal goes out at once
-            conn.send("go")
-        results, pending = [], list(waiting)
-        while pending:
-            for conn in multiprocessing.connection.wait(pending, timeout=0.25):
-                message = conn.recv()
-                pending.remove(conn)
-                if message[0] == "done":
-                    results.append(message[1])
-                else:
-                    failures.append(message[1])
-            if tick is not None:
-                tick()
-        if failures:
-            raise RuntimeError("the benchmark client failed: " + "; ".join(map(str, failures)))
-        return details, warm_errors, results
-
-    def close(self) -> None:
-        for _, conn in self.workers:
-            with contextlib.suppress(OSError, BrokenPipeError):
-                conn.send(None)
-        for process, conn in self.workers:
-            process.join(timeout=5)
-            if process.is_alive():
-                process.kill()
-                process.join(timeout=5)
-            conn.close()
+@dataclass
+class Workspace:
+    config: Path  # the copy
+    loaded: Any  # its LoadedConfig
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    collections: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def train_fast_models(loaded: Any) -> dict[str, dict[str, Any]]:
     """Train every tenant's fast-family model into the config's model dir; a summary each."""
-    from router.routing.tenant_training import train_tenant
-
     models = {}
     for tenant in sorted(loaded.config.tenants):
         say(f"training tenant {tenant!r} (fast family)")
-        result = train_tenant(loaded, tenant, family="fast", progress=say)
+        result = api.train_tenant(loaded, tenant, family="fast", progress=say)
         card = result.trained.card
         models[tenant] = {
             "version": result.version,
@@ -260,23 +96,70 @@ def train_fast_models(loaded: Any) -> dict[str, dict[str, Any]]:
     return models
 
 
-def stop_when_parent_exits(loop: Any, stop: Any) -> None:
-    """Set ``stop`` when standard input (a pipe from the parent benchmark) reaches EOF."""
-    import os
-    import stat
-    import sys
+def _openai_backend(backend: dict[str, Any], url: str) -> dict[str, Any]:
+    dropped = ("kind", "url", "model", "api_key_env", "retry", "breaker")
+    kept = {k: v for k, v in backend.items() if k not in dropped}
+    return {"kind": "openai", "url": url, "model": "instant", **kept}
 
-    stdin = sys.stdin.fileno() if sys.stdin is not None else -1
-    if stdin < 0 or not stat.S_ISFIFO(os.fstat(stdin).st_mode):
-        return
 
-    def stdin_readable() -> None:
-        try:
-            data = os.read(stdin, 4096)
-        except OSError:
-            data = b""
-        if not data:
-            loop.remove_reader(stdin)
-            stop.set()
+def workspace(
+    config_path: Path,
+    workdir: Path,
+    *,
+    backend_url: str | None = None,
+    data: bool = False,
+) -> Workspace:
+    """A copy of the config living in ``workdir`` with its fast models trained.
 
-    loop.add_reader(stdin, stdin_readable)
+    ``backend_url``: every backend becomes kind ``openai`` at that URL (model ``instant``,
+    default retries and breaker). ``data``: the SQL mirrors are built from ``NAME.sql`` next
+    to the config and the ``policies`` (.md/.html/.txt) and ``products`` (.jsonl) collections
+    of the retail tenant are ingested from ``knowledge/``.
+    """
+    original = api.load_config(config_path)
+    source_dir = original.base_dir
+    raw = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
+    server = raw.setdefault("server", {})
+    server.update(
+        model_dir=str(workdir / "models"), data_dir=str(workdir / "data"), address="127.0.0.1:0"
+    )
+    mirrors: dict[str, Path] = {}
+    for tenant in raw["tenants"].values():
+        model = tenant["model"]
+        model["family"], model["version"] = "fast", "active"
+        if model.get("data"):
+            model["data"] = str(original.resolve(Path(model["data"])))
+        for name, mirror in (tenant.get("sql_mirrors") or {}).items():
+            mirrors[name] = workdir / "data" / f"{name}.db"
+            mirror["url"] = f"sqlite:///{mirrors[name]}"
+        if backend_url is not None:
+            for name, backend in (tenant.get("backends") or {}).items():
+                tenant["backends"][name] = _openai_backend(backend, backend_url)
+    (workdir / "data").mkdir(parents=True, exist_ok=True)
+    copy = workdir / "plexus.yaml"
+    copy.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    loaded = api.load_config(copy)
+    space = Workspace(copy, loaded, train_fast_models(loaded))
+    if not data:
+        return space
+    for name, database in mirrors.items():
+        script = source_dir / f"{name}.sql"
+        if not script.is_file():
+            raise RuntimeError(f"no {script} to build the SQL mirror {name!r} from")
+        with contextlib.closing(sqlite3.connect(database)) as db, db:
+            db.executescript(script.read_text(encoding="utf-8"))
+    knowledge = source_dir / "knowledge"
+    for name, suffixes in KNOWLEDGE_SETS.items():
+        paths = sorted(p for p in knowledge.glob("*") if p.suffix.lower() in suffixes)
+        if TENANT not in loaded.config.tenants or not paths:
+            continue
+        if name not in loaded.config.tenants[TENANT].collections:
+            continue
+        say(f"ingesting {name!r} from {len(paths)} files")
+        report = api.ingest(loaded, TENANT, name, paths)
+        space.collections[name] = {
+            "files": [p.name for p in paths],
+            "chunks": report.total_chunks,
+            "version": report.version,
+        }
+    return space

@@ -1,40 +1,41 @@
-"""``plexus bench decision``: single-threaded decision latency per family, in process.
+"""Single-threaded decision latency per model family, in process.
 
-Trains each family on the retail demo (routes + out-of-scope data), then times
-featurize (+ encode) + classify one query at a time, after a warm-up. The baseline in the same
-run is the same fast model file executed by onnxruntime instead of the native head.
+Trains each family on the retail demo (routes + out-of-scope data), then times featurize
+(+ encode) + classify one query at a time, after a warm-up. The baseline in the same run is
+the same fast model file executed by onnxruntime instead of the native head.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import (
-    machine_facts,
-    machine_markdown,
-    markdown_table,
-    percentiles_us,
-    publish,
-    pyplot,
-    say,
-)
-from router.config import load_config
-from router.routing.featurizer import FeaturizerParams
-from router.routing.model import Classifier
-from router.routing.tenant_training import tenant_examples
-from router.routing.training import train_model
+from bench import api, common
+from bench.report import document, machine_facts, num, percentiles_us, publish, say, table
 
+HELP = "single-threaded decision latency per family"
 QUERY = (
     "hi, is the 65 inch samsung qled tv still in stock at store 1432 or should I just order online"
 )
 WARMUP = 100
 
 
-def _time(classifier: Classifier, encode: Any, count: int) -> np.ndarray:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=common.DEMO_CONFIG)
+    parser.add_argument(
+        "--count",
+        type=common.positive,
+        default=10000,
+        help="decisions to time (fast family; the accurate family times a tenth, at least 100)",
+    )
+    common.add_out(parser)
+
+
+def _time(classifier: Any, encode: Any, count: int) -> np.ndarray:
     def once() -> None:
         ids = classifier.featurizer.featurize(QUERY).reshape(1, -1)
         classifier.predict(ids, encode([QUERY]) if encode else None)
@@ -50,76 +51,61 @@ def _time(classifier: Classifier, encode: Any, count: int) -> np.ndarray:
 
 
 def run_suite(args: argparse.Namespace) -> dict[str, Any]:
-    loaded = load_config(args.config)
-    examples = tenant_examples(loaded, "retail")
-    model = loaded.tenant("retail").model
-    params = FeaturizerParams(buckets_log2=model.buckets_log2, seed=model.seed)
-    rows = []
-    samples_by_name = {}
+    loaded = api.load_config(args.config)
+    examples = api.tenant_examples(loaded, common.TENANT)
+    model = loaded.tenant(common.TENANT).model
+    params = api.FeaturizerParams(buckets_log2=model.buckets_log2, seed=model.seed)
+    rows, samples = [], {}
     for family in ("fast", "accurate"):
         say(f"training the {family} family on the retail demo")
-        trained = train_model(examples, family=family, featurizer_params=params, seed=model.seed)
-        variants = [(family, Classifier(trained.model_bytes, family))]
+        trained = api.train_model(
+            examples, family=family, featurizer_params=params, seed=model.seed
+        )
+        variants = [(family, api.Classifier(trained.model_bytes, family))]
         if family == "fast":
-            variants.append(
-                ("fast (onnxruntime)", Classifier(trained.model_bytes, "ort", native_head=False))
-            )
+            baseline = api.Classifier(trained.model_bytes, "ort", native_head=False)
+            variants.append(("fast (onnxruntime)", baseline))
         for name, classifier in variants:
-            encode = None
-            if classifier.needs_embedding:
-                from router.routing.encoder import shared_encoder
-
-                encode = shared_encoder().encode
+            encode = api.shared_encoder().encode if classifier.needs_embedding else None
             count = args.count if family == "fast" else max(args.count // 10, 100)
             say(f"timing {name}: {count} decisions")
-            samples = _time(classifier, encode, count)
-            samples_by_name[name] = samples
-            rows.append({"family": name, "decisions": count, **percentiles_us(samples)})
+            samples[name] = _time(classifier, encode, count)
+            rows.append({"family": name, "decisions": count, **percentiles_us(samples[name])})
     return {
+        "suite": "decision",
         "machine": machine_facts(),
         "query_words": len(QUERY.split()),
+        "warmup": WARMUP,
         "rows": rows,
-        "samples_us": {k: (v / 1000).tolist() for k, v in samples_by_name.items()},
+        "samples_us": {k: (v / 1000).tolist() for k, v in samples.items()},
     }
 
 
 def to_markdown(report: dict[str, Any]) -> str:
-    table = markdown_table(
-        ["family", "decisions", "p50 µs", "p99 µs", "p99.9 µs", "mean µs"],
+    results = table(
+        report["rows"],
         [
-            [
-                r["family"],
-                r["decisions"],
-                f"{r['p50']:.1f}",
-                f"{r['p99']:.1f}",
-                f"{r['p99_9']:.1f}",
-                f"{r['mean']:.1f}",
-            ]
-            for r in report["rows"]
+            ("family", "family"),
+            ("decisions", "decisions"),
+            *[(f"{k.replace('_', '.')} µs", num(k, 1)) for k in ("p50", "p99", "p99_9", "mean")],
         ],
     )
-    return "\n\n".join(
-        [
-            "# Plexus decision latency (single thread, in process)",
-            machine_markdown(report["machine"]),
-            f"One {report['query_words']}-word query, featurize (+ encode) + classify, one at a "
-            f"time after {WARMUP} warm-up calls.",
-            table,
-        ]
-    )
+    notes = [
+        f"One {report['query_words']}-word query, featurize (+ encode) + classify, one at a time "
+        f"after {report['warmup']} warm-up calls."
+    ]
+    title = "Plexus decision latency (single thread, in process)"
+    return document(title, report, notes, [("Decision latency", results)])
 
 
-def plot(report: dict[str, Any], path: Any) -> None:
-    plt = pyplot()
+def plot(report: dict[str, Any], plt: Any) -> Any:
     fig, ax = plt.subplots(figsize=(7, 4))
     names = list(report["samples_us"])
     ax.boxplot([report["samples_us"][n] for n in names], showfliers=False)
     ax.set_xticks(range(1, len(names) + 1), names)
     ax.set_yscale("log")
     ax.set_ylabel("decision latency (µs)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(args: argparse.Namespace) -> int:

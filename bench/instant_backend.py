@@ -4,8 +4,8 @@
 port to ``PORTFILE`` (atomically) and prints ``PORT N``. It serves until SIGTERM/SIGINT, or until
 its stdin closes when stdin is a pipe (the parent died).
 
-``POST /v1/chat/completions`` answers a fixed eight-word reply: with ``"stream": true`` as
-server-sent events in chunked transfer encoding (one HTTP chunk per event: four content deltas,
+``POST /v1/chat/completions`` answers a fixed nine-word reply: with ``"stream": true`` as
+server-sent events in chunked transfer encoding (one HTTP chunk per event: five content deltas,
 a finish_reason event, a usage event, ``[DONE]``), otherwise as one JSON body; both with usage.
 Connections are kept alive (HTTP/1.1). The server is an ``asyncio.Protocol`` that parses and
 answers inside ``data_received``, with the reply bytes prepared in advance: no task, no await
@@ -34,7 +34,7 @@ from array import array
 from pathlib import Path
 from typing import Any
 
-from bench.common import stop_when_parent_exits
+from bench.harness.processes import stop_when_parent_exits
 
 MODEL = "instant"
 REPLY_TEXT = "Your order is on its way and arrives tomorrow."

@@ -1,39 +1,43 @@
-"""Entry point for ``plexus bench``: dispatches to the suite named by ``args.suite``."""
+"""The bench runner: ``plexus bench SUITE [flags]`` (or ``python -m bench SUITE [flags]``).
+
+Each suite is the module ``bench.SUITE`` with ``HELP`` (a one-line summary), its docstring (the
+``--help`` text), ``add_arguments(parser)`` for its flags and ``main(args) -> int``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from collections.abc import Sequence
+
+SUITES = ("latency", "decision", "accuracy", "retrieval", "orchestrate")
 
 
-def main(args: argparse.Namespace) -> int:
-    try:
-        if args.suite == "latency":
-            from bench import latency
-
-            return latency.main(args)
-        if args.suite == "decision":
-            from bench import decision
-
-            return decision.main(args)
-        if args.suite == "accuracy":
-            from bench import accuracy
-
-            return accuracy.main(args)
-        if args.suite == "retrieval":
-            from bench import retrieval
-
-            return retrieval.main(args)
-        if args.suite == "orchestrate":
-            from bench import orchestrate
-
-            return orchestrate.main(args)
-    except RuntimeError as exc:
-        print(f"plexus bench {args.suite}: error: {exc}", file=sys.stderr)
-        return 1
-    print(
-        f"plexus bench: unknown suite {args.suite!r} "
-        "(have: latency, decision, accuracy, retrieval, orchestrate)",
-        file=sys.stderr,
+def build_parser(prog: str = "plexus bench") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Benchmark suites; each writes NAME.json, NAME.md and NAME.png into --out "
+        "and prints the Markdown report (progress goes to stderr).",
     )
-    return 2
+    sub = parser.add_subparsers(dest="suite", metavar="SUITE", required=True)
+    for name in SUITES:
+        module = importlib.import_module(f"bench.{name}")
+        suite = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(suite)
+        suite.set_defaults(run=module.main)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "plexus bench") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        return int(args.run(args))
+    except RuntimeError as exc:
+        print(f"{prog} {args.suite}: error: {exc}", file=sys.stderr)
+        return 1

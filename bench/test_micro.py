@@ -14,14 +14,17 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from router.config import load_config
-from router.routing.featurizer import USING_NATIVE, Featurizer, FeaturizerParams
-from router.routing.model import Classifier
-from router.routing.tenant_training import tenant_examples
-from router.routing.training import train_model
+from bench.api import (
+    USING_NATIVE,
+    Classifier,
+    Featurizer,
+    FeaturizerParams,
+    load_config,
+    tenant_examples,
+    train_model,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO_ROOT / "examples" / "retail" / "plexus.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "retail" / "plexus.yaml"
 QUERY = (
     "hi, is the 65 inch samsung qled tv still in stock at store 1432 or should I just order online"
 )

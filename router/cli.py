@@ -142,12 +142,15 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    sys.path.insert(0, str(Path.cwd()))
-    try:
-        from bench import run as bench_run
-    except ImportError:
-        raise SystemExit("plexus bench runs from a checkout (it needs bench/)") from None
-    return bench_run.main(args)
+    checkout = Path(__file__).resolve().parents[1]
+    root = next((r for r in (checkout, Path.cwd()) if (r / "bench" / "run.py").is_file()), None)
+    if root is None:
+        raise SystemExit("plexus bench runs from a checkout (it needs bench/)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from bench import run as bench_run
+
+    return bench_run.main(args.bench_args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -196,43 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="admin API key for --remote (or PLEXUS_API_KEY)")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("bench", help="benchmark suites (run from a checkout)")
-    bench_sub = p.add_subparsers(dest="suite", required=True)
-    b = bench_sub.add_parser("latency", help="Route vs a bare echo servicer, c=1/16/64")
-    b.add_argument("--config", type=Path, default=DEMO_CONFIG)
-    b.add_argument("--requests", type=int, default=3000, help="requests per concurrency level")
-    b.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    b.add_argument("--processes", type=int, default=2, help="client processes")
-    b.add_argument("--out", type=Path, default=Path("bench/results"))
-    b = bench_sub.add_parser("decision", help="single-threaded decision latency per family")
-    b.add_argument("--config", type=Path, default=DEMO_CONFIG)
-    b.add_argument("--count", type=int, default=10000, help="decisions to time (fast family)")
-    b.add_argument("--out", type=Path, default=Path("bench/results"))
-    b = bench_sub.add_parser("retrieval", help="StackFAQ quality, index trade-offs, Stitch latency")
-    b.add_argument("--data", type=Path, help="the StackFAQ folder (e.g. ../shared/data/stackfaq)")
-    b.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
-    b.add_argument("--queries", type=int, default=200)
-    b.add_argument("--stitch-chunks", type=int, default=100_000)
-    b.add_argument("--out", type=Path, default=Path("bench/results"))
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--skip-stackfaq", action="store_true")
-    b.add_argument("--skip-index", action="store_true")
-    b.add_argument("--skip-stitch", action="store_true")
-    b = bench_sub.add_parser(
-        "orchestrate", help="Orchestrate overhead over an instant backend; optional soak run"
+    # The suites declare their own flags (bench/run.py): everything after `bench` goes there.
+    p = sub.add_parser(
+        "bench", help="benchmark suites (run from a checkout)", add_help=False, prefix_chars="\0"
     )
-    b.add_argument("--config", type=Path, default=DEMO_CONFIG)
-    b.add_argument("--requests", type=int, default=2000, help="requests per concurrency level")
-    b.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    b.add_argument("--processes", type=int, default=2, help="client processes")
-    b.add_argument("--soak-seconds", type=float, default=0.0, help="0: no soak run")
-    b.add_argument("--soak-concurrency", type=int, default=16)
-    b.add_argument("--out", type=Path, default=Path("bench/results"))
-    b = bench_sub.add_parser("accuracy", help="CLINC150 accuracy per model family")
-    b.add_argument("--data", type=Path, required=True, help="path to CLINC150 data_full.json")
-    b.add_argument("--families", nargs="+", default=["fast", "accurate"])
-    b.add_argument("--out", type=Path, default=Path("bench/results"))
-    b.add_argument("--seed", type=int, default=0)
+    p.add_argument("bench_args", nargs="*", metavar="SUITE [FLAGS]")
     p.set_defaults(func=cmd_bench)
 
     add_ingest_parser(sub)

@@ -1,0 +1,295 @@
+"""Stitch end to end: the retail demo with a large ``products`` collection, timed in process.
+
+The retail demo in a temporary directory (model trained, SQL mirror built, ``policies`` and the
+real product notes ingested); ``products`` then gets ``--stitch-chunks`` synthetic chunks
+written straight through ``CollectionWriter`` (no encoder run: each vector is a real note's
+embedding plus a point of the synthetic mixture). ``PlexusServer(loaded).stitcher.stitch()`` is
+timed one request at a time, whole call and each stage of ``timings_us``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import api, common
+from bench.harness.processes import REPO_ROOT
+from bench.report import num, percentiles_us, say, table
+from bench.retrieval.index import BUILD_THREADS, mixture_for
+
+DEMO_CONFIG = REPO_ROOT / common.DEMO_CONFIG
+STITCH_WARMUP = 50
+STITCH_REQUESTS = 1000
+CHUNKS_PER_SOURCE = 10  # synthetic product chunks are grouped into sources ("products") of 10
+ANCHOR_OFFSET = 1.0  # weight of the mixture vector added to a real product chunk's
+
+# Short product questions for the stitch part (they route to product_question or
+# inventory_check with the retail demo's model).
+STITCH_QUESTIONS = [
+    "does the TrailRunner 5 run small?",
+    "is the merino base layer true to size?",
+    "will the percale sheets fit a 15 inch mattress?",
+    "is the air fryer basket dishwasher safe?",
+    "does the smart thermostat need a C wire?",
+    "is the Alpine jacket waterproof?",
+    "what is the battery life of the Aura ANC headphones?",
+    "is the Pulse smartwatch water resistant?",
+    "is the Harbor down parka machine washable?",
+    "is the stand mixer bowl dishwasher safe?",
+    "how do I mount the 65 inch QLED TV on the wall?",
+    "does the Northwind denim shrink in the wash?",
+    "is the TrailRunner 5 in stock at this store?",
+    "do you have the Vista QLED TV in stock?",
+    "is the Summit 4 tent available at store 1432?",
+    "is the robot vacuum in stock at store 1432?",
+]
+
+_WORD_LIST = """
+trail shoe jacket merino wool down parka denim boot leather waterproof breathable insulated
+lightweight zipper pocket hood seam sole tread cushion arch heel toe width size fit small large
+regular slim relaxed stretch cotton polyester nylon fleece lining warranty repair return
+exchange wash dry tumble cold gentle cycle detergent reproof spray membrane rating degree
+temperature battery charge hours bluetooth pairing app screen mount bracket wall stand cable
+remote setting picture sound volume capacity quart basket nonstick cast iron seasoning oven safe
+dishwasher handle lid steel comforter sheet depth mattress queen king twin tent pole stake
+rainfly backpack strap frame liter bottle vacuum filter brush schedule thermostat wire compatible
+"""
+WORDS = _WORD_LIST.split()
+
+# --------------------------------------------------------------------------------------------
+# part 3: Stitch end to end
+
+
+def _synthetic_texts(rng: np.random.Generator, start: int, count: int) -> list[str]:
+    lengths = rng.integers(40, 70, count)
+    picks = rng.integers(0, len(WORDS), int(lengths.sum()))
+    texts, offset = [], 0
+    for i, length in enumerate(lengths.tolist()):
+        words = [WORDS[j] for j in picks[offset : offset + length].tolist()]
+        offset += length
+        texts.append(f"Product note {start + i}: " + " ".join(words) + ".")
+    return texts
+
+
+def fill_products(loaded: Any, chunks: int, seed: int) -> dict[str, Any]:
+    """Add ``chunks`` synthetic chunks to the retail ``products`` collection (no encoder run).
+
+    The vectors cluster around the real product chunks' embeddings (already ingested): each is
+    a real chunk's embedding plus ``ANCHOR_OFFSET`` x a vector of the synthetic mixture, so a
+    product question finds real and synthetic chunks with realistic scores.
+    """
+    import faiss
+
+    tenant = loaded.config.tenants["retail"]
+    config = tenant.collections["products"]
+    dim = 384
+    rng = np.random.default_rng([seed, chunks, 3])
+    with api.CollectionWriter(
+        loaded.data_dir,
+        "retail",
+        "products",
+        config,
+        dim,
+        encoder=api.SERVING_ENCODER_NAME,
+        configured=tenant.collections,
+    ) as writer:
+        _, anchors = writer.embeddings_matrix()
+        real = len(anchors)
+        mixture = mixture_for(rng, dim, chunks)
+        say(f"[stitch] writing {chunks} synthetic product chunks beside {real} real ones")
+        block = 10_000
+        for start in range(0, chunks, block):
+            count = min(block, chunks - start)
+            vectors = anchors[rng.integers(0, real, count)] + ANCHOR_OFFSET * mixture.draw(count)
+            texts = _synthetic_texts(rng, start, count)
+            for first in range(0, count, CHUNKS_PER_SOURCE):
+                number = (start + first) // CHUNKS_PER_SOURCE
+                source = f"synthetic/product-{number:06d}"
+                part = texts[first : first + CHUNKS_PER_SOURCE]
+                records = [
+                    api.ChunkRecord(source, position, text, (), f"Synthetic product {number}")
+                    for position, text in enumerate(part)
+                ]
+                writer.replace_source(
+                    source, records, vectors[first : first + len(part)], f"synthetic:{seed}"
+                )
+        say(f"[stitch] building the products index over {writer.size} chunks")
+        faiss.omp_set_num_threads(BUILD_THREADS)
+        t0 = time.perf_counter()
+        version = writer.commit()
+        commit_seconds = time.perf_counter() - t0
+    return {
+        "real_chunks": real,
+        "synthetic_chunks": chunks,
+        "version": version,
+        "commit_seconds": round(commit_seconds, 1),
+    }
+
+
+async def _time_stitch(plexus: Any, caller: Any, store_id: str) -> dict[str, Any]:
+    stitcher = plexus.stitcher
+
+    async def once(i: int) -> Any:
+        text = STITCH_QUESTIONS[i % len(STITCH_QUESTIONS)]
+        query = api.RouteQuery(app="storefront", text=text, metadata={"store_id": store_id})
+        return await stitcher.stitch(caller, query)
+
+    for i in range(STITCH_WARMUP):
+        await once(i)
+    gc.collect()
+    gc.freeze()  # as PlexusServer.start does: long-lived objects out of the collector's way
+    totals = np.empty(STITCH_REQUESTS, dtype=np.int64)
+    stages: dict[str, list[int]] = {}
+    other: list[int] = []
+    routes: Counter[str] = Counter()
+    pieces: Counter[str] = Counter()
+    synthetic = 0
+    try:
+        for i in range(STITCH_REQUESTS):
+            started = time.perf_counter_ns()
+            result = await once(i)
+            totals[i] = time.perf_counter_ns() - started
+            for stage, us in result.timings_us.items():
+                stages.setdefault(stage, []).append(int(us))
+            other.append(totals[i] // 1000 - sum(result.timings_us.values()))
+            routes[result.decision.route] += 1
+            for placed in result.assembly.placed:
+                pieces[placed.piece.kind] += 1
+                synthetic += placed.piece.source.startswith("products:synthetic/")
+    finally:
+        gc.unfreeze()
+    total = percentiles_us(totals)
+    stage_rows = []
+    for stage, values in stages.items():
+        p50, p99 = np.percentile(np.asarray(values, dtype=np.float64), [50, 99])
+        stage_rows.append(
+            {"stage": stage, "calls": len(values), "p50_us": float(p50), "p99_us": float(p99)}
+        )
+    p50, p99 = np.percentile(np.asarray(other, dtype=np.float64), [50, 99])
+    stage_rows.append(
+        {"stage": "other", "calls": len(other), "p50_us": float(p50), "p99_us": float(p99)}
+    )
+    return {
+        "requests": STITCH_REQUESTS,
+        "warmup": STITCH_WARMUP,
+        "total": total,
+        "stages": stage_rows,
+        "routes": dict(routes.most_common()),
+        "pieces_per_request": {k: v / STITCH_REQUESTS for k, v in pieces.most_common()},
+        "synthetic_pieces_per_request": synthetic / STITCH_REQUESTS,
+    }
+
+
+async def _serve_in_process(loaded: Any) -> dict[str, Any]:
+    plexus = api.PlexusServer(loaded)  # built as `plexus serve` builds it, never started
+    try:
+        products = plexus.collections["retail"].get("products")
+        collection = {
+            "index": products.index_kind,
+            "size": products.size,
+            "version": products.version,
+            "build_seconds": products.meta.get("build_seconds"),
+        }
+        caller = api.Caller(tenant="retail", key_name="bench", admin=False, apps=None)
+        say(f"[stitch] timing {STITCH_REQUESTS} stitches one at a time ({products!r})")
+        timing = await _time_stitch(plexus, caller, "1432")
+        timing["products"] = collection
+        return timing
+    finally:
+        plexus.executor.shutdown(wait=True)
+        plexus.stitcher.close()
+        for name in plexus.collections["retail"].names():
+            plexus.collections["retail"].get(name).close()
+
+
+def run(chunks: int, seed: int) -> dict[str, Any]:
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="plexus-bench-retrieval-") as tmp:
+        say("[stitch] the retail demo: model, SQL mirror, policies and the real product notes")
+        space = common.workspace(DEMO_CONFIG, Path(tmp), data=True)
+        filled = fill_products(space.loaded, chunks, seed)
+        timing = asyncio.run(_serve_in_process(space.loaded))
+    model = space.models[common.TENANT]
+    return {
+        "run": True,
+        "model": {k: model[k] for k in ("version", "family", "threshold")},
+        "policies_chunks": space.collections["policies"]["chunks"],
+        "products": {**filled, **timing.pop("products")},
+        "questions": STITCH_QUESTIONS,
+        **timing,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def markdown(part: dict[str, Any]) -> str:
+    if not part.get("run"):
+        return f"Not run: {part['reason']}."
+    p = part["products"]
+    summary = table(
+        [{**part["total"], "requests": part["requests"], "index": p["index"], "size": p["size"]}],
+        [
+            ("requests", "requests"),
+            *[(f"{k.replace('_', '.')} µs", num(k)) for k in ("p50", "p99", "p99_9", "mean")],
+            ("products index", "index"),
+            ("chunks", num("size")),
+        ],
+    )
+    stages = table(
+        part["stages"],
+        [
+            ("stage", "stage"),
+            ("requests with it", "calls"),
+            ("p50 µs", num("p50_us")),
+            ("p99 µs", num("p99_us")),
+        ],
+    )
+    routes = ", ".join(f"{k} {v}" for k, v in part["routes"].items())
+    pieces = ", ".join(f"{v:.2f} {k}" for k, v in part["pieces_per_request"].items())
+    return "\n".join(
+        [
+            f"- Setup: the retail demo (model {part['model']['version']}, "
+            f"{part['model']['family']} family, threshold {part['model']['threshold']}); "
+            f"`policies` ingested from examples/retail/knowledge ({part['policies_chunks']} "
+            f"chunks); `products` = {p['real_chunks']} real product chunks + "
+            f"{p['synthetic_chunks']:,} synthetic chunks written with `CollectionWriter` (no "
+            "encoder run: each vector is a real product chunk's embedding plus "
+            f"{ANCHOR_OFFSET} x a point of the synthetic mixture, normalised; short synthetic "
+            f"texts, no tags); index kind `{p['index']}` (built in {p['build_seconds']} s).",
+            f"- Calls: `PlexusServer(loaded).stitcher.stitch(...)` in process (no gRPC), one "
+            f"request at a time after {part['warmup']} warm-up requests, app `storefront`, "
+            f"metadata store_id 1432, cycling through {len(part['questions'])} short product "
+            "questions. Routes taken: "
+            f"{routes}. Pieces placed per request: {pieces} "
+            f"({part['synthetic_pieces_per_request']:.2f} of them synthetic).",
+            "- Stages come from `result.timings_us`. `encode` is measured around the "
+            "micro-batcher (executor hand-off included); `other` = whole call − the stages "
+            "(routing decision, executor hand-offs, packet signing).",
+            "",
+            summary,
+            "",
+            stages,
+        ]
+    )
+
+
+def plot(stitch: dict[str, Any], right: Any) -> None:
+    """The p50 of each stage and of the whole call on ``right``."""
+    if stitch.get("run"):
+        names = [s["stage"] for s in stitch["stages"]] + ["whole call"]
+        values = [s["p50_us"] for s in stitch["stages"]] + [stitch["total"]["p50"]]
+        bars = right.bar(range(len(names)), values, color=["tab:blue"] * (len(names) - 1) + ["k"])
+        right.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8)
+        right.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+        right.set_ylabel("p50 (µs)")
+        p = stitch["products"]
+        right.set_title(f"Stitch stage p50s (products: {p['size']:,} chunks, {p['index']})")
+    else:
+        right.text(0.5, 0.5, "stitch part not run", ha="center", va="center")
+        right.set_axis_off()
