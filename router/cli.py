@@ -76,18 +76,24 @@ def cmd_route(args: argparse.Namespace) -> int:
         return 0
     from dataclasses import asdict
 
-    from router.routing.service import Caller, RouteQuery, Router
+    from router.calls import Caller, RouteQuery
+    from router.plexus import Plexus
 
     if not args.config:
         raise SystemExit("give CONFIG for an in-process decision, or --remote ADDR")
     loaded = load_config(args.config)
     tenant = _single_tenant(loaded, args.tenant)
-    router = Router(loaded)
     caller = Caller(tenant, "cli", admin=True, apps=None)
-    decision = router.decide(
-        caller, RouteQuery(args.app, args.text, dict(args.meta or []), args.tier)
-    )
-    _print_json(asdict(decision))
+    query = RouteQuery(args.app, args.text, dict(args.meta or []), args.tier)
+
+    async def decide() -> object:
+        plexus = Plexus(loaded)
+        try:
+            return await plexus.pipeline.route(caller, query)
+        finally:
+            await plexus.aclose()
+
+    _print_json(asdict(asyncio.run(decide())))
     return 0
 
 
@@ -119,13 +125,14 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     from dataclasses import asdict
 
-    from router.routing.service import Router
+    from router.routing.decider import Deciders
+    from router.routing.encoder import shared_encoder
 
     if not args.config:
         raise SystemExit("give CONFIG to act on the registry on disk, or --remote ADDR")
     loaded = load_config(args.config)
     tenant_name = _single_tenant(loaded, args.tenant)
-    tenant = Router(loaded).tenants[tenant_name]
+    tenant = Deciders(loaded, shared_encoder).tenants[tenant_name]
     if args.action == "list":
         for info in tenant.list_models():
             mark = "*" if info.active else " "

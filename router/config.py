@@ -204,6 +204,40 @@ class RouteConfig(_Strict):
     context: ContextConfig | None = None
 
 
+EXTRACTOR_KINDS = ("order_number", "store_id", "sku", "amount", "date", "email")
+
+
+class ExtractorConfig(_Strict):
+    """A field the prep stage lifts out of the request text into request metadata.
+
+    Either a built-in ``kind`` or a ``pattern`` (RE2 syntax: matching time is linear in the
+    text, whatever the pattern). The value is the pattern's first group if it has one, else the
+    whole match.
+    """
+
+    name: Name = Field(description="the metadata key the value is stored under")
+    kind: Literal["order_number", "store_id", "sku", "amount", "date", "email"] | None = None
+    pattern: str | None = Field(None, min_length=1, max_length=1000)
+    pad_digits: int = Field(0, ge=0, le=32, description="left-pad a numeric value with zeros")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ExtractorConfig:
+        if (self.kind is None) == (self.pattern is None):
+            raise ValueError(
+                f"give exactly one of kind (one of {list(EXTRACTOR_KINDS)}) or pattern"
+            )
+        if self.pattern is not None:
+            import re2
+
+            try:
+                compiled = re2.compile(self.pattern)
+            except re2.error as exc:
+                raise ValueError(f"pattern: not a valid RE2 pattern: {exc}") from None
+            if compiled.groups > 1:
+                raise ValueError("pattern: use at most one capturing group (the value)")
+        return self
+
+
 class ModelConfig(_Strict):
     family: Literal["fast", "accurate"] = "fast"
     version: str = "active"
@@ -233,6 +267,7 @@ class TenantConfig(_Strict):
     collections: dict[Name, CollectionConfig] = Field(default_factory=dict)
     sql_mirrors: dict[Name, SqlMirrorConfig] = Field(default_factory=dict)
     backends: dict[Name, BackendConfig] = Field(default_factory=dict)
+    extractors: list[ExtractorConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _references(self) -> TenantConfig:

@@ -1,31 +1,117 @@
-"""The request lifecycle: prep -> route -> stitch -> generate, streamed as events.
+"""The request lifecycle: one path for every RPC.
 
-Governance, policy and audit come next in the lifecycle (see the design notes); their places
-are the stage hooks below (``InputGuard``, ``Policy``, ``OutputGuard``, ``Recorder``), which
-pass everything through until those stages are built. Each stage is injected, not imported.
+A ``RequestState`` flows forward through injected stage objects, in this order::
+
+    prep -> guard-in -> route -> policy -> stitch -> generate -> guard-out -> record
+
+``Route`` (and ``RouteBatch``, ``RouteStream``) stops after policy, ``Stitch`` after stitch, and
+``Orchestrate`` runs to the end and streams events. Each stage is an object with a ``name`` and
+one method; the pipeline times every stage itself, so every response reports where its time
+went by construction. A stage may pass, rewrite the state (for example redact ``state.text``),
+add ``findings``, or stop the request by raising a ``PlexusError``, whose status the caller
+gets. Record runs exactly once per request, success or failure, with the final state.
+
+Orchestrate's contract: everything that can fail is checked before the first event (bad input,
+unknown app, a tenant without backends, ``max_tokens`` over the backend's limit), so such a
+failure is a gRPC status and the stream never starts. After the first event the stream always
+ends with either a ``FinalEvent`` or an ``ErrorEvent``: ``INTERRUPTED`` (the backend failed
+after tokens were sent), ``UNAVAILABLE`` (every backend of the chain failed before its first
+token), ``DEADLINE_EXCEEDED``, or ``BLOCKED`` (an output guard stopped the answer). Output
+guards see every delta before the caller does and may hold back a window of text, so they can
+block, redact or restore text in flight.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from router.backends.resilience import BackendPool, Served, StreamInterrupted
-from router.backends.types import (
-    BackendError,
-    Finished,
-    GenerationRequest,
-    Message,
-    TokenDelta,
-    Usage,
-)
-from router.config import BackendConfig
-from router.context.packets import ContextPacket
-from router.context.stitch import Stitcher, StitchResult
-from router.errors import FailedPrecondition, InvalidArgument
-from router.routing.service import Caller, RouteDecision, RouteQuery
+from router.backends.resilience import Served, StreamInterrupted
+from router.backends.types import BackendError, Finished, TokenDelta, Usage
+from router.calls import Caller, RouteDecision, RouteQuery
+from router.errors import PlexusError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from router.backends.types import GenerationEvent
+    from router.context.packets import ContextPacket
+    from router.context.stitch import StitchResult
+
+
+# -- the state that flows through the stages ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something a stage noticed about the request or the answer (for example a PII span)."""
+
+    stage: str
+    kind: str
+    detail: str = ""
+    start: int = -1
+    end: int = -1
+
+
+@dataclass(frozen=True)
+class GenerationLimits:
+    """What policy allows the generation: output tokens and sampling temperature."""
+
+    max_tokens: int
+    temperature: float
+
+
+@dataclass(eq=False)
+class RequestState:
+    """Everything known about one request; each stage reads what came before and adds its part.
+
+    ``timings_us`` holds one entry per stage that ran (``prep``, ``route``, ...) and finer
+    entries a stage records itself, named ``stage.detail`` (``stitch.assemble``).
+    """
+
+    caller: Caller
+    query: RouteQuery
+    rpc: str = "Route"
+    packets: Sequence[ContextPacket] = ()
+    budget_tokens: int | None = None
+    max_tokens: int | None = None
+    deadline: float | None = None
+    """``time.monotonic()`` by which the call must end, from the caller's gRPC deadline."""
+    generates: bool = False
+    text: str = ""
+    """The prepared text later stages see; ``query.text`` keeps what the caller sent."""
+    extracted: dict[str, str] = field(default_factory=dict)
+    decision: RouteDecision | None = None
+    embedding: np.ndarray | None = None
+    """The text's sentence embedding ``[1, dim]``, once a stage has computed it."""
+    findings: list[Finding] = field(default_factory=list)
+    chain: tuple[str, ...] = ()
+    """The backends to try, in order (policy's choice)."""
+    limits: GenerationLimits | None = None
+    context: StitchResult | None = None
+    timings_us: dict[str, int] = field(default_factory=dict)
+    output: list[str] = field(default_factory=list)
+    """The answer's text as released to the caller, delta by delta."""
+    final: FinalEvent | None = None
+    outcome: str = "OK"
+    """``OK``, the status of an error that stopped the request, or a streamed error's code."""
+    error: BaseException | None = None
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """Request metadata for the stages: extracted fields, overridden by the caller's own."""
+        if not self.extracted:
+            return self.query.metadata
+        return self.extracted | self.query.metadata
+
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline (never negative), or None without one."""
+        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+
+
+# -- events streamed by Orchestrate --------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -57,7 +143,7 @@ class FinalEvent:
 
 @dataclass(frozen=True)
 class ErrorEvent:
-    code: str  # UNAVAILABLE | INTERRUPTED | DEADLINE_EXCEEDED
+    code: str  # UNAVAILABLE | INTERRUPTED | DEADLINE_EXCEEDED | BLOCKED
     message: str
     backend: str = ""
 
@@ -65,70 +151,188 @@ class ErrorEvent:
 OrchestrateEvent = DecisionEvent | ContextEvent | DeltaEvent | FinalEvent | ErrorEvent
 
 
-class InputGuard(Protocol):
-    def check(self, caller: Caller, query: RouteQuery) -> None: ...
+class OutputBlocked(PlexusError):
+    """Raised by an output guard to stop the answer; the stream ends with a BLOCKED event."""
+
+    status = "PERMISSION_DENIED"
 
 
-class Policy(Protocol):
-    def choose(
-        self, caller: Caller, query: RouteQuery, decision: RouteDecision, chain: Sequence[str]
-    ) -> Sequence[str]: ...
+# -- the stage interfaces ------------------------------------------------------------------------
+
+
+class Stage(Protocol):
+    """prep, guard-in, route, policy and stitch: ``run(state)`` reads and extends the state."""
+
+    name: str
+
+    async def run(self, state: RequestState) -> None: ...
+
+
+class BatchStage(Stage, Protocol):
+    """A stage that can do a whole ``RouteBatch`` in one call (route: one model call)."""
+
+    async def run_many(self, states: Sequence[RequestState]) -> None: ...
+
+
+class Generator(Protocol):
+    """The generate stage: the backend chain's events for the state's prompt and limits."""
+
+    name: str
+
+    def stream(self, state: RequestState) -> AsyncGenerator[GenerationEvent | Served, None]: ...
+
+    def cost(self, state: RequestState, backend: str, usage: Usage) -> float: ...
+
+    def breakers(self, state: RequestState) -> dict[str, str]: ...
+
+
+class OutputWatch(Protocol):
+    """One request's view of an output guard: text in, text safe to release out."""
+
+    def feed(self, text: str) -> str:
+        """Take the next piece of the answer; return what may reach the caller now."""
+        ...
+
+    def flush(self) -> str:
+        """The answer is complete: return everything still held back."""
+        ...
 
 
 class OutputGuard(Protocol):
-    def check(self, caller: Caller, text: str) -> None: ...
+    """guard-out: ``watch(state)`` starts watching one answer (raise OutputBlocked to stop)."""
+
+    name: str
+
+    def watch(self, state: RequestState) -> OutputWatch: ...
 
 
 class Recorder(Protocol):
-    def record(
-        self, caller: Caller, query: RouteQuery, events: Sequence[OrchestrateEvent]
-    ) -> None: ...
+    """record: called once per request with its final state, whatever the outcome."""
+
+    def record(self, state: RequestState) -> None: ...
 
 
-class PassThrough:
-    """The default for every stage not built yet: accepts everything, changes nothing."""
-
-    def check(self, *_args: object) -> None:
-        return None
-
-    def choose(
-        self, _caller: Caller, _query: RouteQuery, _decision: RouteDecision, chain: Sequence[str]
-    ) -> Sequence[str]:
-        return chain
-
-    def record(self, *_args: object) -> None:
-        return None
+# -- the pipeline ----------------------------------------------------------------------------------
 
 
-def cost_of(usage: Usage, backend: BackendConfig) -> float:
-    price = backend.price
-    return (
-        usage.prompt_tokens * price.input_per_1k + usage.completion_tokens * price.output_per_1k
-    ) / 1000.0
+def _elapsed_us(started_ns: int) -> int:
+    return (time.perf_counter_ns() - started_ns) // 1000
 
 
-class Orchestrator:
-    """``orchestrate(caller, query) -> async iterator of events``, in process or behind gRPC."""
+class Pipeline:
+    """``route``, ``route_many``, ``stitch`` and ``orchestrate``: the lifecycle, in process."""
 
     def __init__(
         self,
-        stitcher: Stitcher,
-        pools: Mapping[str, BackendPool],
-        backends: Mapping[str, Mapping[str, BackendConfig]],
         *,
-        input_guard: InputGuard | None = None,
-        policy: Policy | None = None,
-        output_guard: OutputGuard | None = None,
-        recorder: Recorder | None = None,
+        prep: Stage,
+        route: BatchStage,
+        policy: Stage,
+        stitch: Stage,
+        generate: Generator,
+        guards_in: Sequence[Stage] = (),
+        guards_out: Sequence[OutputGuard] = (),
+        recorders: Sequence[Recorder] = (),
     ):
-        self.stitcher = stitcher
-        self.pools = pools
-        self.backends = backends
-        passthrough = PassThrough()
-        self.input_guard = input_guard or passthrough
-        self.policy = policy or passthrough
-        self.output_guard = output_guard or passthrough
-        self.recorder = recorder or passthrough
+        self.to_policy: tuple[Stage, ...] = (prep, *guards_in, route, policy)
+        self.to_stitch: tuple[Stage, ...] = (*self.to_policy, stitch)
+        self.prep = prep
+        self.guards_in = tuple(guards_in)
+        self.route_stage = route
+        self.policy = policy
+        self.generate = generate
+        self.guards_out = tuple(guards_out)
+        self.recorders = tuple(recorders)
+
+    async def _run(self, state: RequestState, stages: Sequence[Stage]) -> None:
+        timings = state.timings_us
+        for stage in stages:
+            started = time.perf_counter_ns()
+            await stage.run(state)
+            timings[stage.name] = _elapsed_us(started)
+
+    def _record(self, state: RequestState) -> None:
+        for recorder in self.recorders:
+            recorder.record(state)
+
+    def _failed(self, state: RequestState, exc: BaseException) -> None:
+        state.error = exc
+        state.outcome = exc.status if isinstance(exc, PlexusError) else "INTERNAL"
+
+    def _decided(self, state: RequestState) -> RouteDecision:
+        decision = state.decision
+        assert decision is not None, "the route stage sets the decision"
+        decision.timings_us = dict(state.timings_us)
+        return decision
+
+    async def route(self, caller: Caller, query: RouteQuery, rpc: str = "Route") -> RouteDecision:
+        """The decision (prep, guard-in, route and policy)."""
+        state = RequestState(caller, query, rpc=rpc)
+        try:
+            await self._run(state, self.to_policy)
+            return self._decided(state)
+        except BaseException as exc:
+            self._failed(state, exc)
+            raise
+        finally:
+            self._record(state)
+
+    async def route_many(
+        self, caller: Caller, queries: Sequence[RouteQuery], deadline: float | None = None
+    ) -> list[RouteDecision]:
+        """Decisions for a batch: the route stage makes one model call for all of them.
+
+        Any request that fails a stage fails the whole batch with that request's status.
+        """
+        states = [RequestState(caller, q, rpc="RouteBatch", deadline=deadline) for q in queries]
+        try:
+            for stage in self.to_policy:
+                started = time.perf_counter_ns()
+                if stage is self.route_stage:
+                    await self.route_stage.run_many(states)
+                else:
+                    for state in states:
+                        await stage.run(state)
+                each = _elapsed_us(started) // max(len(states), 1)
+                for state in states:
+                    state.timings_us[stage.name] = each
+            return [self._decided(state) for state in states]
+        except BaseException as exc:
+            for state in states:
+                self._failed(state, exc)
+            raise
+        finally:
+            for state in states:
+                self._record(state)
+
+    async def stitch(
+        self,
+        caller: Caller,
+        query: RouteQuery,
+        packets: Sequence[ContextPacket] = (),
+        budget_tokens: int | None = None,
+        deadline: float | None = None,
+    ) -> StitchResult:
+        """The decision and the stitched context (every stage up to and including stitch)."""
+        state = RequestState(
+            caller,
+            query,
+            rpc="Stitch",
+            packets=packets,
+            budget_tokens=budget_tokens,
+            deadline=deadline,
+        )
+        try:
+            await self._run(state, self.to_stitch)
+            self._decided(state)
+            assert state.context is not None, "the stitch stage sets the context"
+            state.context.timings_us.update(state.timings_us)
+            return state.context
+        except BaseException as exc:
+            self._failed(state, exc)
+            raise
+        finally:
+            self._record(state)
 
     async def orchestrate(
         self,
@@ -138,78 +342,96 @@ class Orchestrator:
         max_tokens: int | None = None,
         deadline: float | None = None,
     ) -> AsyncIterator[OrchestrateEvent]:
-        events: list[OrchestrateEvent] = []
-        try:
-            async for event in self._run(caller, query, packets, max_tokens, deadline):
-                events.append(event)
-                yield event
-        finally:
-            self.recorder.record(caller, query, events)
+        """Every stage; streams the decision, the context, the answer's deltas and a final event.
 
-    async def _run(
-        self,
-        caller: Caller,
-        query: RouteQuery,
-        packets: Sequence[ContextPacket],
-        max_tokens: int | None,
-        deadline: float | None,
-    ) -> AsyncIterator[OrchestrateEvent]:
-        self.input_guard.check(caller, query)
-        backends = self.backends.get(caller.tenant, {})
-        if not backends:
-            raise FailedPrecondition(f"tenant {caller.tenant!r} has no backends configured")
-        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        result = await self.stitcher.stitch(caller, query, packets, timeout=timeout)
-        decision = result.decision
-        yield DecisionEvent(decision)
-        yield ContextEvent(result)
-        route = self.stitcher.router.tenant(caller).config.route(decision.route)
-        chain = list(self.policy.choose(caller, query, decision, [route.target, *route.fallbacks]))
-        limit = backends[chain[0]].max_output_tokens
-        if max_tokens is not None and max_tokens > limit:
-            raise InvalidArgument(f"max_tokens {max_tokens} exceeds the backend's {limit}")
-        request = GenerationRequest(
-            messages=(Message("user", result.assembly.prompt),),
-            max_tokens=max_tokens or limit,
-            temperature=backends[chain[0]].temperature,
+        A failure before the first event is raised (the caller gets its status); after it, the
+        stream ends with an ``ErrorEvent`` instead (see the module docstring).
+        """
+        state = RequestState(
+            caller,
+            query,
+            rpc="Orchestrate",
+            packets=packets,
+            max_tokens=max_tokens,
             deadline=deadline,
-            request_id=query.request_id,
-            metadata={"tenant": caller.tenant, "route": decision.route},
+            generates=True,
         )
-        pool = self.pools[caller.tenant]
-        timings = dict(decision.timings_us) | dict(result.timings_us)
+        try:
+            await self._run(state, self.to_stitch)
+            assert state.context is not None, "the stitch stage sets the context"
+            yield DecisionEvent(self._decided(state))
+            yield ContextEvent(state.context)
+            async for event in self._answer(state):
+                yield event
+        except BaseException as exc:
+            self._failed(state, exc)
+            raise
+        finally:
+            self._record(state)
+
+    def _release(self, state: RequestState, watches: Sequence[OutputWatch], text: str) -> str:
+        """``text`` through every output guard in order (each one's release feeds the next)."""
+        timings = state.timings_us
+        for guard, watch in zip(self.guards_out, watches, strict=True):
+            started = time.perf_counter_ns()
+            text = watch.feed(text) if text else ""
+            timings[guard.name] = timings.get(guard.name, 0) + _elapsed_us(started)
+        return text
+
+    def _flush(self, state: RequestState, watches: Sequence[OutputWatch]) -> str:
+        timings = state.timings_us
+        text = ""
+        for guard, watch in zip(self.guards_out, watches, strict=True):
+            started = time.perf_counter_ns()
+            text = (watch.feed(text) if text else "") + watch.flush()
+            timings[guard.name] = timings.get(guard.name, 0) + _elapsed_us(started)
+        return text
+
+    async def _answer(self, state: RequestState) -> AsyncIterator[OrchestrateEvent]:
+        """generate and guard-out: the backend's deltas, released through the output guards."""
+        generator = self.generate
+        watches = [guard.watch(state) for guard in self.guards_out]
         started = time.perf_counter_ns()
         served: Served | None = None
-        text: list[str] = []
+        upstream = generator.stream(state)
         try:
-            async for event in pool.chain(chain[0], chain[1:]).generate(request):
+            async for event in upstream:
                 if isinstance(event, Served):
                     served = event
                 elif isinstance(event, TokenDelta):
-                    text.append(event.text)
-                    yield DeltaEvent(event.text)
+                    text = self._release(state, watches, event.text)
+                    if text:
+                        state.output.append(text)
+                        yield DeltaEvent(text)
                 elif isinstance(event, Finished):
-                    timings["generate"] = (time.perf_counter_ns() - started) // 1000
-                    self.output_guard.check(caller, "".join(text))
-                    backend = served.backend if served else chain[0]
-                    yield FinalEvent(
+                    text = self._flush(state, watches)
+                    if text:
+                        state.output.append(text)
+                        yield DeltaEvent(text)
+                    state.timings_us[generator.name] = _elapsed_us(started)
+                    backend = served.backend if served else state.chain[0]
+                    state.final = FinalEvent(
                         usage=event.usage,
-                        cost=cost_of(event.usage, backends[backend]),
+                        cost=generator.cost(state, backend, event.usage),
                         backend=backend,
                         fallbacks_tried=list(served.fallbacks_tried) if served else [],
                         attempts=served.attempts if served else 1,
                         finish_reason=event.reason,
-                        timings_us=timings,
-                        breakers={name: pool.breaker_states()[name] for name in chain},
+                        timings_us=dict(state.timings_us),
+                        breakers=generator.breakers(state),
                     )
+                    yield state.final
+        except OutputBlocked as exc:
+            state.outcome = "BLOCKED"
+            yield ErrorEvent("BLOCKED", f"the answer was stopped: {exc}")
         except StreamInterrupted as exc:
+            state.outcome = "INTERRUPTED"
             yield ErrorEvent(
                 "INTERRUPTED", f"the answer was cut off: {exc}", getattr(exc, "backend", "")
             )
         except BackendError as exc:
-            code = (
-                "DEADLINE_EXCEEDED"
-                if deadline and time.monotonic() >= deadline
-                else ("UNAVAILABLE")
-            )
-            yield ErrorEvent(code, f"no backend could answer: {exc}", exc.backend)
+            expired = state.deadline is not None and time.monotonic() >= state.deadline
+            state.outcome = "DEADLINE_EXCEEDED" if expired else "UNAVAILABLE"
+            yield ErrorEvent(state.outcome, f"no backend could answer: {exc}", exc.backend)
+        finally:
+            await upstream.aclose()

@@ -82,7 +82,9 @@ def test_streams_decision_context_deltas_final(stub, peer):
     assert final.cost == pytest.approx(
         (usage.prompt_tokens * 3.0 + usage.completion_tokens * 15.0) / 1000
     )
-    assert {"prep", "route", "assemble", "generate"} <= {t.stage for t in final.timings}
+    assert {"prep", "route", "policy", "stitch", "stitch.assemble", "generate"} <= {
+        t.stage for t in final.timings
+    }
     assert final.breakers["reasoning-large"] == "closed"
 
 
@@ -148,7 +150,7 @@ def test_errors_before_the_stream_are_statuses(stub):
 
 
 def test_in_process_orchestrate_and_no_leaked_tasks(server, peer):
-    from router.routing.service import Caller, RouteQuery
+    from router.calls import Caller, RouteQuery
 
     caller = Caller("retail", "test", admin=False, apps=None)
 
@@ -163,7 +165,7 @@ def test_in_process_orchestrate_and_no_leaked_tasks(server, peer):
         peer.script(behaviour)
         return [
             e
-            async for e in server.server.orchestrator.orchestrate(
+            async for e in server.server.plexus.pipeline.orchestrate(
                 caller, RouteQuery("storefront", DISPUTE)
             )
         ]

@@ -85,7 +85,8 @@ def test_sql_and_collection_context_with_citations(stub):
     product = next(p for p in reply.pieces if p.kind == "collection")
     assert product.source.startswith("products:") and 0 < product.score <= 1
     stages = {t.stage for t in reply.timings}
-    assert {"encode", "sql:stores", "collection:products", "assemble"} <= stages
+    assert {"prep", "route", "policy", "stitch", "stitch.encode"} <= stages
+    assert {"stitch.sql:stores", "stitch.collection:products", "stitch.assemble"} <= stages
     assert reply.prompt.rstrip().endswith("is the TrailRunner 5 in stock at store 1432?")
 
 
@@ -177,13 +178,13 @@ def test_reload_collection_while_serving(stub, stitch_config: LoadedConfig, tmp_
         timeout=10,
     )
     assert code == grpc.StatusCode.PERMISSION_DENIED
-    assert running.server.collections["retail"].get("policies").version == "v0002"
+    assert running.server.plexus.collections["retail"].get("policies").version == "v0002"
 
 
 def test_packet_expiry_is_enforced(stub):
     _, _, running = stub
     reply = stitch(stub, "you charged my card twice for one order and I want a refund")
-    signer = running.server.stitcher.signer
+    signer = running.server.plexus.sources.signer
     old_ttl = signer.ttl_seconds
     signer.ttl_seconds = 0.0
     try:

@@ -250,9 +250,17 @@ def execution_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-@cache
 def shared_encoder(device: str = "cpu") -> SentenceEncoder:
-    """One single-threaded encoder per process and device for serving (~0.6 s to prepare)."""
+    """One single-threaded encoder per process and device for serving (~0.6 s to prepare).
+
+    The cache is keyed by the device alone: ``shared_encoder()`` and ``shared_encoder("cpu")``
+    are the same encoder.
+    """
+    return _serving_encoder(device)
+
+
+@cache
+def _serving_encoder(device: str) -> SentenceEncoder:
     return SentenceEncoder(device=device)
 
 

@@ -6,24 +6,15 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import faiss
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from router._generated.plexus.v1 import plexus_pb2 as pb
-from router.backends.resilience import BackendPool
 from router.config import LoadedConfig, ServerConfig
-from router.context.batching import BatchingEncoder
-from router.context.collections import TenantCollections
-from router.context.stitch import Stitcher
-from router.pipeline import Orchestrator
-from router.routing.encoder import shared_encoder
-from router.routing.service import Router
+from router.plexus import Plexus
 from router.server.servicers import AdminServicer, RouterServicer, generic_handlers
 
 log = logging.getLogger("plexus.server")
@@ -41,11 +32,8 @@ def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
     ]
 
 
-def new_server(
-    config: ServerConfig, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
-) -> grpc.aio.Server:
+def new_server(config: ServerConfig) -> grpc.aio.Server:
     return grpc.aio.server(
-        interceptors=list(interceptors),
         options=server_options(config),
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
@@ -55,40 +43,17 @@ class PlexusServer:
     """The Plexus gRPC server: Router and Admin services, health checking and reflection."""
 
     def __init__(
-        self, loaded: LoadedConfig, router: Router | None = None, address: str | None = None
+        self, loaded: LoadedConfig, plexus: Plexus | None = None, address: str | None = None
     ):
         self.loaded = loaded
         self.config = loaded.config.server
-        self.router = router or Router(loaded)
+        self.plexus = plexus or Plexus(loaded)
         self.address = address or self.config.address
-        # Searches are single queries on the executor's threads: FAISS's OpenMP pool would only
-        # add hand-offs and oversubscribe the cores.
-        faiss.omp_set_num_threads(1)
-        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="plexus-work")
-        self.collections = {
-            name: TenantCollections.from_config(loaded, name) for name in loaded.config.tenants
-        }
-        self.batcher = BatchingEncoder(lambda: shared_encoder(self.config.device), self.executor)
-        self.stitcher = Stitcher(
-            loaded,
-            self.router,
-            lambda tenant: self.collections[tenant].get,
-            self.batcher,
-            self.executor,
-        )
-        self.backend_pools = {
-            name: BackendPool(tenant.backends) for name, tenant in loaded.config.tenants.items()
-        }
-        self.orchestrator = Orchestrator(
-            self.stitcher,
-            self.backend_pools,
-            {name: tenant.backends for name, tenant in loaded.config.tenants.items()},
-        )
         self.server = new_server(self.config)
         self.server.add_generic_rpc_handlers(
             generic_handlers(
-                RouterServicer(self.router, self.stitcher, self.orchestrator, self.executor),
-                AdminServicer(self.router, self.collections, self.executor),
+                RouterServicer(self.plexus),
+                AdminServicer(self.plexus, self.plexus.executor),
             )
         )
         self.health = health.aio.HealthServicer()
@@ -98,16 +63,8 @@ class PlexusServer:
         )
         self.port = 0
 
-    def needs_encoder(self) -> bool:
-        """Whether any tenant's model or context sources use the sentence encoder."""
-        return any(t.heavy for t in self.router.tenants.values()) or any(
-            stitcher.plans and any(stitcher.needs_embedding(r) for r in stitcher.plans)
-            for stitcher in self.stitcher.tenants.values()
-        )
-
     async def start(self) -> int:
-        if self.needs_encoder():  # load and warm it now, not on the first request
-            await self.batcher.encode("warm up")
+        await self.plexus.warm()
         self.port = self.server.add_insecure_port(self.address)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.address}")
@@ -125,13 +82,7 @@ class PlexusServer:
         """Report NOT_SERVING, let in-flight calls finish within the grace period, stop."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        self.stitcher.close()
-        for pool in self.backend_pools.values():
-            await pool.aclose()
-        self.stitcher.close()
-        for pool in self.backend_pools.values():
-            await pool.aclose()
+        await self.plexus.aclose()
 
     async def serve_until_signalled(self) -> None:
         """Serve until SIGTERM or SIGINT, then drain and return."""

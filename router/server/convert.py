@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from router._generated.plexus.v1 import plexus_pb2 as pb
+from router.calls import RouteDecision, RouteQuery
 from router.context.assembly import PlacedPiece
+from router.context.collections import Collection
 from router.context.packets import ContextPacket, ContextPiece
 from router.context.stitch import StitchResult
 from router.pipeline import (
@@ -13,7 +17,7 @@ from router.pipeline import (
     FinalEvent,
     OrchestrateEvent,
 )
-from router.routing.service import ModelStatus, RouteDecision, RouteQuery
+from router.routing.decider import ModelInfo, ModelStatus
 
 
 def query_from_proto(request: pb.RouteRequest) -> RouteQuery:
@@ -38,11 +42,12 @@ def decision_to_proto(decision: RouteDecision) -> pb.RouteDecision:
             for a in decision.alternatives
         ],
         model_version=decision.model_version,
-        timings=[pb.StageTiming(stage=k, micros=v) for k, v in decision.timings_us.items()],
+        timings=_timings(decision.timings_us),
         server_micros=decision.server_us,
         request_id=decision.request_id,
         route_metadata=decision.route_metadata,
         threshold=decision.threshold,
+        extracted=decision.extracted,
     )
 
 
@@ -54,6 +59,35 @@ def status_to_proto(status: ModelStatus) -> pb.ModelStatus:
         previous_accuracy=status.previous_accuracy,
         message=status.message,
     )
+
+
+def models_to_proto(infos: Sequence[ModelInfo]) -> pb.ListModelsResponse:
+    return pb.ListModelsResponse(
+        models=[
+            pb.ModelInfo(
+                version=i.version,
+                family=i.family,
+                created_at=i.created_at,
+                training_data_sha256=i.training_data_sha256,
+                metrics=i.metrics,
+                active=i.active,
+            )
+            for i in infos
+        ]
+    )
+
+
+def collection_status_to_proto(collection: Collection) -> pb.CollectionStatus:
+    return pb.CollectionStatus(
+        collection=collection.name,
+        version=collection.version,
+        size=collection.size,
+        index_kind=collection.index_kind,
+    )
+
+
+def _timings(timings_us: dict[str, int]) -> list[pb.StageTiming]:
+    return [pb.StageTiming(stage=k, micros=v) for k, v in timings_us.items()]
 
 
 def piece_to_proto(piece: ContextPiece, placed: PlacedPiece | None = None) -> pb.ContextPiece:
@@ -116,7 +150,7 @@ def stitch_to_proto(result: StitchResult) -> pb.StitchResponse:
         pieces=[piece_to_proto(p.piece, p) for p in assembly.placed],
         tokens_used=assembly.tokens_used,
         budget_tokens=assembly.budget_tokens,
-        timings=[pb.StageTiming(stage=k, micros=v) for k, v in result.timings_us.items()],
+        timings=_timings(result.timings_us),
         packet=packet_to_proto(result.packet),
         duplicates_dropped=assembly.duplicates_dropped,
         over_budget_dropped=assembly.over_budget_dropped,
@@ -150,7 +184,7 @@ def orchestrate_event_to_proto(event: OrchestrateEvent) -> pb.OrchestrateEvent:
                 fallbacks_tried=event.fallbacks_tried,
                 attempts=event.attempts,
                 finish_reason=event.finish_reason,
-                timings=[pb.StageTiming(stage=k, micros=v) for k, v in event.timings_us.items()],
+                timings=_timings(event.timings_us),
                 breakers=event.breakers,
             )
         )

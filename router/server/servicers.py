@@ -1,30 +1,35 @@
-"""Thin gRPC servicers: proto -> domain, call, domain -> proto, errors -> status codes.
+"""Thin gRPC servicers: proto -> domain, one pipeline call, domain -> proto.
 
-Requests are parsed here rather than by grpc's deserializer so that a malformed message (for
-example a text field that is not valid UTF-8) is answered with INVALID_ARGUMENT, not INTERNAL.
+One wrapper (``rpc``) serves every call shape: it refuses an expired deadline, resolves the API
+key to a caller, and maps domain errors to status codes (anything else becomes INTERNAL, logged
+once, never a stack trace). Requests are parsed here rather than by grpc's deserializer so that
+a malformed message (for example a text field that is not valid UTF-8) is answered with
+INVALID_ARGUMENT, not INTERNAL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
+from functools import wraps
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
 from router._generated.plexus.v1 import plexus_pb2 as pb
-from router.context.collections import TenantCollections
-from router.context.stitch import Stitcher
+from router.calls import Caller
 from router.errors import InvalidArgument, PlexusError
-from router.pipeline import Orchestrator
-from router.routing.service import Caller, RouteQuery, Router, TenantRouter
+from router.plexus import Plexus
 from router.server.auth import api_key_from_metadata
 from router.server.convert import (
+    collection_status_to_proto,
     decision_to_proto,
+    models_to_proto,
     orchestrate_event_to_proto,
     packet_from_proto,
     query_from_proto,
@@ -34,7 +39,6 @@ from router.server.convert import (
 
 log = logging.getLogger("plexus.server")
 M = TypeVar("M", bound=Message)
-T = TypeVar("T")
 
 
 def parse(message_type: type[M], data: bytes) -> M:
@@ -53,184 +57,159 @@ async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server logged it")
 
 
-def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Wrap a unary method: deadline check, API key -> caller, domain errors -> status codes.
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on ``time.monotonic()``'s clock, or None without one."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
-    Anything that is not a domain error becomes INTERNAL, logged once, never a stack trace.
+
+def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a servicer method (unary, or an async generator for streaming responses).
+
+    The method is called as ``method(self, caller, request, context)``.
     """
 
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+    async def caller_of(self: Any, context: grpc.aio.ServicerContext) -> Caller:
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before work")
+        return self.plexus.keys.authenticate(api_key_from_metadata(context.invocation_metadata()))
+
+    if inspect.isasyncgenfunction(method):
+
+        @wraps(method)
+        async def streaming(
+            self: Any, request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[bytes]:
+            try:
+                caller = await caller_of(self, context)
+                async for reply in method(self, caller, request, context):
+                    yield reply
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+                await _abort_for(context, exc)
+
+        return streaming
+
+    @wraps(method)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            caller = self.router.authenticate(api_key_from_metadata(context.invocation_metadata()))
-            return await method(self, caller, request, context)
+            return await method(self, await caller_of(self, context), request, context)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a trace
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             await _abort_for(context, exc)
             raise  # unreachable: abort raises
 
-    return wrapper
+    return unary
 
 
 class RouterServicer:
-    def __init__(
-        self, router: Router, stitcher: Stitcher, orchestrator: Orchestrator, executor: Executor
-    ):
-        self.router = router
-        self.stitcher = stitcher
-        self.orchestrator = orchestrator
-        self.batcher = stitcher.batcher
-        self.executor = executor
+    """``plexus.v1.Router``."""
 
-    async def _off_loop(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
-        """Run CPU-heavy work in the bounded executor, within the call's deadline."""
-        remaining = context.time_remaining()
-        future = asyncio.get_running_loop().run_in_executor(self.executor, fn)
-        return await asyncio.wait_for(future, timeout=remaining)
-
-    async def _decide(self, tenant: TenantRouter, query: RouteQuery, caller: Caller) -> Any:
-        """A decision; for the accurate family the text is encoded by the micro-batcher first."""
-        embedding = None
-        if tenant.heavy:
-            tenant.check_query(query, caller)
-            embedding = (await self.batcher.encode(query.text)).reshape(1, -1)
-        return tenant.decide(query, caller, embedding)
+    def __init__(self, plexus: Plexus):
+        self.plexus = plexus
+        self.pipeline = plexus.pipeline
+        self.max_batch = plexus.config.max_batch
 
     @rpc
     async def route(self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         query = query_from_proto(parse(pb.RouteRequest, data))
-        decision = await self._decide(self.router.tenant(caller), query, caller)
+        decision = await self.pipeline.route(caller, query)
         return decision_to_proto(decision).SerializeToString()
-
-    @rpc
-    async def stitch(self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        request = parse(pb.StitchRequest, data)
-        result = await self.stitcher.stitch(
-            caller,
-            query_from_proto(request.request),
-            [packet_from_proto(p) for p in request.packets],
-            budget_tokens=request.budget_tokens or None,
-            timeout=context.time_remaining(),
-        )
-        return stitch_to_proto(result).SerializeToString()
 
     @rpc
     async def route_batch(
         self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
         request = parse(pb.RouteBatchRequest, data)
-        limit = self.router.loaded.config.server.max_batch
         if not request.requests:
             raise InvalidArgument("the batch is empty")
-        if len(request.requests) > limit:
+        if len(request.requests) > self.max_batch:
             raise InvalidArgument(
-                f"the batch has {len(request.requests)} requests; the limit is {limit}"
+                f"the batch has {len(request.requests)} requests; the limit is {self.max_batch}"
             )
         queries = [query_from_proto(r) for r in request.requests]
-        tenant = self.router.tenant(caller)
-        decisions = await self._off_loop(context, lambda: tenant.decide_many(queries, caller))
+        decisions = await self.pipeline.route_many(caller, queries, deadline_of(context))
         return pb.RouteBatchResponse(
             decisions=[decision_to_proto(d) for d in decisions]
         ).SerializeToString()
 
+    @rpc
     async def route_stream(
-        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+        self, caller: Caller, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        try:
-            caller = self.router.authenticate(api_key_from_metadata(context.invocation_metadata()))
-            tenant = self.router.tenant(caller)
-            async for data in requests:
-                query = query_from_proto(parse(pb.RouteRequest, data))
-                decision = await self._decide(tenant, query, caller)
-                yield decision_to_proto(decision).SerializeToString()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            await _abort_for(context, exc)
+        async for data in requests:
+            query = query_from_proto(parse(pb.RouteRequest, data))
+            decision = await self.pipeline.route(caller, query, rpc="RouteStream")
+            yield decision_to_proto(decision).SerializeToString()
 
+    @rpc
+    async def stitch(self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        request = parse(pb.StitchRequest, data)
+        result = await self.pipeline.stitch(
+            caller,
+            query_from_proto(request.request),
+            [packet_from_proto(p) for p in request.packets],
+            budget_tokens=request.budget_tokens or None,
+            deadline=deadline_of(context),
+        )
+        return stitch_to_proto(result).SerializeToString()
+
+    @rpc
     async def orchestrate(
-        self, data: bytes, context: grpc.aio.ServicerContext
+        self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        """Server-streaming: errors before the first event become a status; backend failures
-        after it arrive as an error event (the design: never a broken stream)."""
-        try:
-            caller = self.router.authenticate(api_key_from_metadata(context.invocation_metadata()))
-            request = parse(pb.OrchestrateRequest, data)
-            remaining = context.time_remaining()
-            events = self.orchestrator.orchestrate(
-                caller,
-                query_from_proto(request.request),
-                [packet_from_proto(p) for p in request.packets],
-                max_tokens=request.max_tokens or None,
-                deadline=None if remaining is None else time.monotonic() + remaining,
-            )
-            async for event in events:
-                yield orchestrate_event_to_proto(event).SerializeToString()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            await _abort_for(context, exc)
+        request = parse(pb.OrchestrateRequest, data)
+        events = self.pipeline.orchestrate(
+            caller,
+            query_from_proto(request.request),
+            [packet_from_proto(p) for p in request.packets],
+            max_tokens=request.max_tokens or None,
+            deadline=deadline_of(context),
+        )
+        async for event in events:
+            yield orchestrate_event_to_proto(event).SerializeToString()
 
 
 class AdminServicer:
-    def __init__(
-        self, router: Router, collections: Mapping[str, TenantCollections], executor: Executor
-    ):
-        self.router = router
-        self.collections = collections
+    """``plexus.v1.Admin``: model versions and collections (admin keys only)."""
+
+    def __init__(self, plexus: Plexus, executor: Executor):
+        self.plexus = plexus
         self.executor = executor
+
+    async def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Admin work (loading models, opening indexes) runs in the executor, not the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     @rpc
     async def reload_collection(
         self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
         request = parse(pb.ReloadCollectionRequest, data)
-        self.router.admin_tenant(caller)
-        collections = self.collections[caller.tenant]
-        await asyncio.get_running_loop().run_in_executor(
-            self.executor, collections.reload, request.collection
-        )
+        self.plexus.deciders.admin_tenant(caller)
+        collections = self.plexus.collections[caller.tenant]
+        await self._off_loop(collections.reload, request.collection)
         collection = collections.get(request.collection)
-        return pb.CollectionStatus(
-            collection=collection.name,
-            version=collection.version,
-            size=collection.size,
-            index_kind=collection.index_kind,
-        ).SerializeToString()
+        return collection_status_to_proto(collection).SerializeToString()
 
     @rpc
     async def list_models(
         self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
         parse(pb.ListModelsRequest, data)
-        tenant = self.router.admin_tenant(caller)
-        infos = await asyncio.get_running_loop().run_in_executor(self.executor, tenant.list_models)
-        return pb.ListModelsResponse(
-            models=[
-                pb.ModelInfo(
-                    version=i.version,
-                    family=i.family,
-                    created_at=i.created_at,
-                    training_data_sha256=i.training_data_sha256,
-                    metrics=i.metrics,
-                    active=i.active,
-                )
-                for i in infos
-            ]
-        ).SerializeToString()
+        tenant = self.plexus.deciders.admin_tenant(caller)
+        return models_to_proto(await self._off_loop(tenant.list_models)).SerializeToString()
 
     @rpc
     async def load_model(
         self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
         request = parse(pb.LoadModelRequest, data)
-        tenant = self.router.admin_tenant(caller)
-        status = await asyncio.get_running_loop().run_in_executor(
-            self.executor, tenant.load_version, request.version or None, request.force
-        )
+        tenant = self.plexus.deciders.admin_tenant(caller)
+        status = await self._off_loop(tenant.load_version, request.version or None, request.force)
         return status_to_proto(status).SerializeToString()
 
     @rpc
@@ -238,9 +217,8 @@ class AdminServicer:
         self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
         parse(pb.RollbackRequest, data)
-        tenant = self.router.admin_tenant(caller)
-        status = await asyncio.get_running_loop().run_in_executor(self.executor, tenant.rollback)
-        return status_to_proto(status).SerializeToString()
+        tenant = self.plexus.deciders.admin_tenant(caller)
+        return status_to_proto(await self._off_loop(tenant.rollback)).SerializeToString()
 
 
 def _identity(data: bytes) -> bytes:

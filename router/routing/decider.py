@@ -1,81 +1,34 @@
-"""Serving routing decisions for every tenant, with hot-swappable models.
+"""Routing decisions for every tenant, with hot-swappable models.
 
-``Router.decide(caller, query)`` is the in-process form of the gRPC ``Route`` call. Each tenant
-has one active model; swapping it is one attribute assignment, so a request that has read the
-active model finishes on that version while new requests see the new one.
+``TenantDecider.decide(app, text)`` is the route stage's domain call. Each tenant has one active
+model; swapping it is one attribute assignment, so a request that has read the active model
+finishes on that version while new requests see the new one. Checking the request (app, key,
+limits) is the prep stage's job, not this module's.
 """
 
 from __future__ import annotations
 
 import heapq
-import hmac
 import logging
 import threading
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from router.config import LoadedConfig, TenantConfig, hash_api_key
-from router.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    Unauthenticated,
-)
-from router.routing.encoder import SERVING_ENCODER_NAME
+from router.calls import Alternative, Caller, RouteDecision
+from router.config import LoadedConfig, TenantConfig
+from router.errors import FailedPrecondition, NotFound, PermissionDenied
+from router.routing.encoder import SERVING_ENCODER_NAME, Encoder
+from router.routing.examples import Examples
+from router.routing.metrics import abstains, evaluate, predict_texts
 from router.routing.model import Classifier, ModelContractError, read_card
 from router.routing.registry import ModelRegistry, RegistryError
-from router.routing.training import Examples, evaluate, predict_texts
 
 log = logging.getLogger("plexus.routing")
 
-
-@dataclass(frozen=True)
-class Caller:
-    """Who is calling, resolved from the API key: never from the request body."""
-
-    tenant: str
-    key_name: str
-    admin: bool
-    apps: frozenset[str] | None
-
-
-@dataclass
-class RouteQuery:
-    app: str
-    text: str
-    metadata: dict[str, str] = field(default_factory=dict)
-    user_tier: str = ""
-    request_id: str = ""
-
-
-@dataclass
-class Alternative:
-    route: str
-    target: str
-    confidence: float
-
-
-@dataclass
-class RouteDecision:
-    route: str
-    target: str
-    confidence: float
-    abstained: bool
-    fallback_used: bool
-    alternatives: list[Alternative]
-    model_version: str
-    threshold: float
-    timings_us: dict[str, int]
-    route_metadata: dict[str, str]
-    request_id: str = ""
-
-    @property
-    def server_us(self) -> int:
-        return sum(self.timings_us.values())
+EncoderSource = Callable[[], Encoder]
+"""Where a model that uses the encoder gets it: the process's serving encoder for the device."""
 
 
 @dataclass
@@ -100,8 +53,16 @@ class ModelStatus:
 class ServingModel:
     """A loaded classifier plus everything a decision needs, precomputed for the hot path."""
 
-    def __init__(self, classifier: Classifier, tenant: TenantConfig, heldout: Examples | None):
+    def __init__(
+        self,
+        classifier: Classifier,
+        tenant: TenantConfig,
+        heldout: Examples | None,
+        encoder: EncoderSource,
+    ):
         self.classifier = classifier
+        self.encoder = encoder
+        self.uses_encoder = classifier.needs_embedding
         self.version = classifier.version
         self.heldout = heldout
         labels = classifier.labels
@@ -137,10 +98,8 @@ class ServingModel:
         self, texts: Sequence[str], ids: np.ndarray, embedding: np.ndarray | None = None
     ) -> np.ndarray:
         """``embedding`` may be given when the caller already encoded the texts."""
-        if self.classifier.needs_embedding and embedding is None:
-            from router.routing.encoder import shared_encoder
-
-            embedding = shared_encoder().encode(texts)
+        if self.uses_encoder and embedding is None:
+            embedding = self.encoder().encode(list(texts))
         return self.classifier.predict(ids, embedding)[0]
 
     def heldout_accuracy(self, examples: Examples) -> float:
@@ -156,7 +115,7 @@ class ServingModel:
         return metrics.get("inscope_accuracy", 0.0)
 
 
-class TenantRouter:
+class TenantDecider:
     """One tenant's routes, apps, registry and active model."""
 
     def __init__(
@@ -164,14 +123,14 @@ class TenantRouter:
         name: str,
         config: TenantConfig,
         registry: ModelRegistry,
-        max_text_chars: int,
         top_k: int,
+        encoder: EncoderSource,
     ):
         self.name = name
         self.config = config
         self.registry = registry
-        self.max_text_chars = max_text_chars
         self.top_k = top_k
+        self.encoder = encoder
         self.fallback_route = config.model.fallback_route
         fallback = config.route(self.fallback_route)
         self.fallback_target = fallback.target
@@ -182,89 +141,46 @@ class TenantRouter:
         self.previous: ServingModel | None = None
 
     @property
-    def heavy(self) -> bool:
-        """Whether a decision runs a dense encoder (then it belongs off the event loop)."""
-        return self.active.classifier.needs_embedding
+    def uses_encoder(self) -> bool:
+        """Whether a decision needs the text's sentence embedding (encoded off the loop)."""
+        return self.active.uses_encoder
 
     def _load(self, version: str) -> ServingModel:
         path = self.registry.path(version)
         classifier = Classifier.from_file(path, version)
-        model = ServingModel(classifier, self.config, self.registry.heldout(version))
+        model = ServingModel(classifier, self.config, self.registry.heldout(version), self.encoder)
         # Warm the session (first runs allocate) before it can see a request.
         sample = model.heldout.texts[:8] if model.heldout else ["warm up"]
         for text in sample:
             model.probabilities([text], model.classifier.featurizer.featurize_batch([text]))
         return model
 
-    def check_query(self, query: RouteQuery, caller: Caller) -> None:
-        if query.app not in self.config.apps:
-            raise NotFound(f"tenant {self.name!r} has no app {query.app!r}")
-        if caller.apps is not None and query.app not in caller.apps:
-            raise PermissionDenied(f"this API key may not call app {query.app!r}")
-        text = query.text
-        if not text or text.isspace():
-            raise InvalidArgument("text is empty")
-        if len(text) > self.max_text_chars:
-            raise InvalidArgument(
-                f"text has {len(text)} characters; the limit is {self.max_text_chars}"
-            )
+    def decide(self, app: str, text: str, embedding: np.ndarray | None = None) -> RouteDecision:
+        """One decision; ``embedding`` (``[1, dim]``) is the text's, when the model uses it."""
+        model = self.active  # read once: this request finishes on this version
+        featurizer = model.classifier.featurizer
+        ids = featurizer.featurize(text)
+        if len(ids) == 0:
+            ids = np.array([featurizer.pad_id], dtype=np.int64)
+        probs = model.probabilities([text], ids.reshape(1, -1), embedding)[0]
+        return self._decision(model, app, probs)
 
-    def decide_many(self, queries: Sequence[RouteQuery], caller: Caller) -> list[RouteDecision]:
+    def decide_many(
+        self, apps: Sequence[str], texts: Sequence[str], embeddings: np.ndarray | None = None
+    ) -> list[RouteDecision]:
         """Decisions for a batch: one model call; every decision names the same version."""
         model = self.active  # read once: the whole batch runs on this version
-        for query in queries:
-            self.check_query(query, caller)
-        started = time.perf_counter_ns()
-        featurizer = model.classifier.featurizer
-        ids = featurizer.featurize_batch([q.text for q in queries])
-        featurized = time.perf_counter_ns()
-        probs = model.probabilities([q.text for q in queries], ids)
-        classified = time.perf_counter_ns()
-        prep_us = (featurized - started) // 1000 // max(len(queries), 1)
-        route_us = (classified - featurized) // 1000 // max(len(queries), 1)
-        return [
-            self._decision(model, query, probs[i], prep_us, route_us, classified)
-            for i, query in enumerate(queries)
-        ]
+        ids = model.classifier.featurizer.featurize_batch(list(texts))
+        probs = model.probabilities(texts, ids, embeddings)
+        return [self._decision(model, app, probs[i]) for i, app in enumerate(apps)]
 
-    def decide(
-        self, query: RouteQuery, caller: Caller, embedding: np.ndarray | None = None
-    ) -> RouteDecision:
-        """One decision; ``embedding`` (``[1, dim]``) reuses an encoding made by the caller."""
-        model = self.active  # read once: this request finishes on this version
-        self.check_query(query, caller)
-        started = time.perf_counter_ns()
-        ids = model.classifier.featurizer.featurize(query.text)
-        if len(ids) == 0:
-            ids = np.array([model.classifier.featurizer.pad_id], dtype=np.int64)
-        ids = ids.reshape(1, -1)
-        featurized = time.perf_counter_ns()
-        probs = model.probabilities([query.text], ids, embedding)[0]
-        classified = time.perf_counter_ns()
-        return self._decision(
-            model,
-            query,
-            probs,
-            (featurized - started) // 1000,
-            (classified - featurized) // 1000,
-            classified,
-        )
-
-    def _decision(
-        self,
-        model: ServingModel,
-        query: RouteQuery,
-        probs: np.ndarray,
-        prep_us: int,
-        route_us: int,
-        classified_ns: int,
-    ) -> RouteDecision:
+    def _decision(self, model: ServingModel, app: str, probs: np.ndarray) -> RouteDecision:
         values = probs.tolist()  # a few labels: plain Python beats numpy's per-call cost
-        ranked = heapq.nlargest(self.top_k, model.app_labels[query.app], key=values.__getitem__)
+        ranked = heapq.nlargest(self.top_k, model.app_labels[app], key=values.__getitem__)
         best = ranked[0] if ranked else -1
-        confidence = values[best] if ranked else 0.0
+        confidence = values[best] if ranked else None
         oos_prob = values[model.oos_index] if model.oos_index >= 0 else 0.0
-        abstained = best < 0 or confidence < model.threshold or oos_prob > confidence
+        abstained = abstains(confidence, oos_prob, model.threshold)
         alternatives = [Alternative(model.labels[i], model.targets[i], values[i]) for i in ranked]
         if abstained:
             route, target, meta = self.fallback_route, self.fallback_target, self.fallback_metadata
@@ -274,19 +190,16 @@ class TenantRouter:
                 model.targets[best],
                 model.route_metadata[best],
             )
-        decided_us = (time.perf_counter_ns() - classified_ns) // 1000
         return RouteDecision(
             route=route,
             target=target,
-            confidence=confidence,
+            confidence=confidence or 0.0,
             abstained=abstained,
             fallback_used=abstained,
             alternatives=alternatives,
             model_version=model.version,
             threshold=float(model.threshold),
-            timings_us={"prep": int(prep_us), "route": int(route_us), "decide": int(decided_us)},
             route_metadata=meta,
-            request_id=query.request_id,
         )
 
     # -- hot swap --------------------------------------------------------------------------
@@ -356,56 +269,22 @@ class TenantRouter:
             )
 
 
-class Router:
-    """All tenants; authenticates API keys and dispatches to the caller's tenant."""
+class Deciders:
+    """Every tenant's decider, built from the configuration."""
 
-    def __init__(self, loaded: LoadedConfig):
-        self.loaded = loaded
+    def __init__(self, loaded: LoadedConfig, encoder: EncoderSource):
         server = loaded.config.server
         self.tenants = {
-            name: TenantRouter(
-                name,
-                tenant,
-                ModelRegistry(loaded.model_dir, name),
-                server.max_text_chars,
-                server.top_k,
+            name: TenantDecider(
+                name, tenant, ModelRegistry(loaded.model_dir, name), server.top_k, encoder
             )
             for name, tenant in loaded.config.tenants.items()
         }
-        self._keys = [
-            (
-                key.sha256.encode("ascii"),
-                Caller(
-                    tenant_name,
-                    key.name,
-                    key.admin,
-                    frozenset(key.apps) if key.apps is not None else None,
-                ),
-            )
-            for tenant_name, tenant in loaded.config.tenants.items()
-            for key in tenant.api_keys
-        ]
 
-    def authenticate(self, api_key: str | None) -> Caller:
-        """Constant-time comparison of the key's hash against every stored hash."""
-        if not api_key:
-            raise Unauthenticated("missing API key (send it as x-api-key metadata)")
-        presented = hash_api_key(api_key).encode("ascii")
-        found: Caller | None = None
-        for stored, caller in self._keys:
-            if hmac.compare_digest(stored, presented):
-                found = caller
-        if found is None:
-            raise Unauthenticated("unknown API key")
-        return found
-
-    def tenant(self, caller: Caller) -> TenantRouter:
+    def tenant(self, caller: Caller) -> TenantDecider:
         return self.tenants[caller.tenant]
 
-    def decide(self, caller: Caller, query: RouteQuery) -> RouteDecision:
-        return self.tenants[caller.tenant].decide(query, caller)
-
-    def admin_tenant(self, caller: Caller) -> TenantRouter:
+    def admin_tenant(self, caller: Caller) -> TenantDecider:
         if not caller.admin:
             raise PermissionDenied("this API key is not an admin key")
         return self.tenants[caller.tenant]

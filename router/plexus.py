@@ -1,0 +1,91 @@
+"""Plexus in process: the configuration's parts built once and wired into one pipeline.
+
+``Plexus`` is the composition root. It builds the key ring, the routing deciders, collections,
+SQL mirrors, backend pools, the micro-batching encoder and the bounded executor, then injects
+the stages into ``router.pipeline.Pipeline``. The gRPC server is a thin layer over it, and
+in-process callers use it directly::
+
+    plexus = Plexus(load_config("plexus.yaml"))
+    caller = plexus.keys.authenticate("retail-demo-key")
+    decision = await plexus.pipeline.route(caller, RouteQuery("storefront", "where is my order"))
+    await plexus.aclose()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import faiss
+
+from router.backends.resilience import BackendPool
+from router.config import LoadedConfig
+from router.context.batching import BatchingEncoder
+from router.context.collections import TenantCollections
+from router.context.stitch import ContextSources
+from router.keys import KeyRing
+from router.pipeline import OutputGuard, Pipeline, Recorder, Stage
+from router.routing.decider import Deciders
+from router.routing.encoder import shared_encoder
+from router.stages.generate import Generate
+from router.stages.policy import ConfiguredChain
+from router.stages.prep import Prep
+from router.stages.route import Route
+from router.stages.stitch import Stitch
+
+
+class Plexus:
+    """Every part of a configuration, built once, and the pipeline over them."""
+
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        *,
+        guards_in: Sequence[Stage] = (),
+        guards_out: Sequence[OutputGuard] = (),
+        recorders: Sequence[Recorder] = (),
+        deciders: Deciders | None = None,
+    ):
+        self.loaded = loaded
+        self.config = loaded.config.server
+        tenants = loaded.config.tenants
+        # Searches are single queries on the executor's threads: FAISS's OpenMP pool would only
+        # add hand-offs and oversubscribe the cores.
+        faiss.omp_set_num_threads(1)
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="plexus-work")
+        device = self.config.device
+        self.keys = KeyRing(loaded)
+        self.deciders = deciders or Deciders(loaded, lambda: shared_encoder(device))
+        self.collections = {name: TenantCollections.from_config(loaded, name) for name in tenants}
+        self.batcher = BatchingEncoder(lambda: shared_encoder(device), self.executor)
+        self.sources = ContextSources(loaded, lambda tenant: self.collections[tenant].get)
+        self.backend_pools = {name: BackendPool(t.backends) for name, t in tenants.items()}
+        self.pipeline = Pipeline(
+            prep=Prep.from_config(loaded),
+            guards_in=guards_in,
+            route=Route(self.deciders, self.batcher, self.executor),
+            policy=ConfiguredChain(tenants),
+            stitch=Stitch(self.sources, self.batcher, self.executor),
+            generate=Generate(
+                self.backend_pools, {name: t.backends for name, t in tenants.items()}
+            ),
+            guards_out=guards_out,
+            recorders=recorders,
+        )
+
+    def uses_encoder(self) -> bool:
+        """Whether any tenant's model or context sources use the sentence encoder."""
+        return self.sources.uses_encoder() or any(
+            t.uses_encoder for t in self.deciders.tenants.values()
+        )
+
+    async def warm(self) -> None:
+        """Load and warm the encoder now, when something uses it, not on the first request."""
+        if self.uses_encoder():
+            await self.batcher.encode("warm up")
+
+    async def aclose(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.sources.close()
+        for pool in self.backend_pools.values():
+            await pool.aclose()
