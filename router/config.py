@@ -181,9 +181,9 @@ class BackendConfig(_Strict):
     retry: RetryConfig = RetryConfig()
     breaker: BreakerConfig = BreakerConfig()
     price: PriceConfig = PriceConfig()
-    context_window: int = Field(8192, ge=256)
-    capabilities: list[str] = Field(default_factory=lambda: ["chat", "streaming"])
-    certifications: list[str] = Field(default_factory=list)
+    certifications: list[str] = Field(
+        default_factory=list, description="e.g. pii: data this backend is certified to receive"
+    )
 
     @model_validator(mode="after")
     def _url(self) -> BackendConfig:

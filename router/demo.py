@@ -70,6 +70,8 @@ def _calls(address: str) -> None:
         print("== Stitch: the decision plus a cited prompt", flush=True)
         reply = client.stitch("storefront", "can I return a jacket I got as a gift?")
         _show(reply)
+        print("== Stitch: the store number lifted out of the text feeds the SQL mirror", flush=True)
+        _show(client.stitch("storefront", "what time does store #77 close on sunday?"))
         print("== Handing a case from storefront to case_desk with a context packet", flush=True)
         first = client.stitch("storefront", "you charged my card twice for order 88123")
         second = client.stitch(
@@ -100,9 +102,10 @@ def _calls(address: str) -> None:
 
 def _show(reply) -> None:  # type: ignore[no-untyped-def]
     timings = ", ".join(f"{t.stage} {t.micros} us" for t in reply.timings)
+    extracted = "".join(f"; {k}={v}" for k, v in reply.decision.extracted.items())
     print(
-        f"   route {reply.decision.route}; {reply.tokens_used}/{reply.budget_tokens} tokens; "
-        f"{timings}"
+        f"   route {reply.decision.route}{extracted}; {reply.tokens_used}/{reply.budget_tokens} "
+        f"tokens; {timings}"
     )
     print("   " + reply.prompt.replace("\n", "\n   "))
 
