@@ -21,6 +21,15 @@ import pytest
 
 from router._generated.plexus.v1 import generator_pb2 as pb
 from router._generated.plexus.v1 import generator_pb2_grpc as pb_grpc
+from router.backends.common import (
+    MAX_DELTA_CHARS,
+    MAX_EVENT_CHARS,
+    MAX_LINE_CHARS,
+    MAX_MESSAGE_BYTES,
+    MAX_RESPONSE_BYTES,
+    count_tokens,
+    estimate_prompt_tokens,
+)
 from router.backends.grpc_backend import GrpcBackend
 from router.backends.local import LocalBackend
 from router.backends.openai import OpenAIBackend, parse_retry_after
@@ -101,15 +110,15 @@ async def openai_backend(peer: OpenAIPeer) -> AsyncIterator[OpenAIFactory]:
     """Makes OpenAIBackends pointed at the peer; closing them must leave no connection open."""
     made: list[OpenAIBackend] = []
 
-    def make(name: str = "primary", *, stream: bool = True, **overrides: Any) -> OpenAIBackend:
+    def make(name: str = "primary", **overrides: Any) -> OpenAIBackend:
         settings: dict[str, Any] = {
+            "url": peer.url,
             "model": "peer-model",
             "timeout_seconds": 5,
             "retry": FAST_RETRY,
         }
         settings.update(overrides)
-        config = BackendConfig(kind="openai", url=peer.url, **settings)
-        backend = OpenAIBackend(name, config, stream=stream)
+        backend = OpenAIBackend(name, BackendConfig(kind="openai", **settings))
         made.append(backend)
         return backend
 
@@ -144,21 +153,6 @@ async def test_streaming_success_yields_the_peers_text_and_usage(
     assert body["model"] == "peer-model" and body["max_tokens"] == 64
     assert body["messages"][1] == {"role": "user", "content": PROMPT}
     assert peer.requests[0].headers["authorization"] == "Bearer sk-test"
-
-
-async def test_non_streaming_success_is_one_delta_with_real_usage(
-    peer: OpenAIPeer, openai_backend: OpenAIFactory
-) -> None:
-    backend = openai_backend(stream=False)
-
-    events, error = await collect(backend.generate(make_request()))
-
-    assert error is None
-    assert events[0] == TokenDelta(peer.behaviour.text)
-    body = peer.requests[0].body
-    assert "stream" not in body
-    assert events[1] == Finished("stop", Usage(prompt_tokens(body), len(peer.behaviour.words())))
-    assert len(events) == 2
 
 
 async def test_usage_is_estimated_when_the_peer_reports_none(
@@ -462,6 +456,192 @@ async def test_no_connection_or_task_leaks_after_faults(
     assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
 
 
+# -- bounds on what a backend may send -------------------------------------------------------
+
+BIG = 128 << 20  # an oversized part the peer would send: far more than any bound
+READ_AT_MOST = 64 << 20  # what the peer may have sent by then (a bound + socket buffers)
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "message"),
+    [
+        (
+            Behaviour(unterminated_line=BIG),
+            f"a line longer than {MAX_LINE_CHARS} characters",
+        ),
+        (
+            Behaviour(event_lines=BIG // (64 << 10)),
+            f"an event larger than {MAX_EVENT_CHARS} characters",
+        ),
+        (Behaviour(padding=BIG), f"a response larger than {MAX_RESPONSE_BYTES} bytes"),
+    ],
+    ids=["unterminated-line", "many-line-event", "endless-comments"],
+)
+async def test_oversized_streams_fail_cleanly_and_count_on_the_breaker(
+    peer: OpenAIPeer, openai_backend: OpenAIFactory, behaviour: Behaviour, message: str
+) -> None:
+    """The peer would send 128 MiB before any content; the client stops at its bound, hangs up
+    (the connection is not pooled) and fails the call without a retry."""
+    peer.behaviour = behaviour
+    backend = resilient(openai_backend(breaker=BreakerConfig(failures=1)))
+
+    events, error = await collect(backend.generate(make_request()))
+
+    assert events == [] and error is not None and not error.retryable
+    assert message in str(error)
+    assert len(peer.requests) == 1 and backend.breaker.state == "open"
+    assert await peer.wait_hangups(1) == 1 and peer.sent[0] < READ_AT_MOST
+    assert await peer.wait_connections_closed() == 0
+
+
+async def test_a_huge_error_body_is_read_only_in_part(
+    peer: OpenAIPeer, openai_backend: OpenAIFactory
+) -> None:
+    peer.behaviour = Behaviour(status=500, body_padding=BIG)
+
+    events, error = await collect(openai_backend().generate(make_request()))
+
+    assert events == [] and error is not None and error.status == 500
+    assert "HTTP 500: peer told to answer 500" in str(error)
+    assert await peer.wait_hangups(1) == 1 and peer.sent[0] < READ_AT_MOST
+
+
+async def test_a_runaway_stream_is_stopped_at_max_tokens(
+    peer: OpenAIPeer, openai_backend: OpenAIFactory
+) -> None:
+    """The peer ignores max_tokens (64) and would stream a million words; the caller gets 64,
+    a Finished with reason ``length``, and the upstream connection is closed."""
+    peer.behaviour = Behaviour(text="w", repeat=1_000_000)
+    request = make_request()
+
+    events, error = await collect(resilient(openai_backend()).generate(request))
+
+    assert error is None
+    assert len([e for e in events if isinstance(e, TokenDelta)]) == request.max_tokens == 64
+    assert events[-1] == Finished("length", Usage(estimate_prompt_tokens(request), 64))
+    assert await peer.wait_hangups(1) == 1
+    assert await peer.wait_connections_closed() == 0
+
+
+async def test_a_stream_of_exactly_max_tokens_is_passed_on_whole(
+    peer: OpenAIPeer, openai_backend: OpenAIFactory
+) -> None:
+    """Each delta counts as at least one token, so a server keeping to the limit is never cut."""
+    peer.behaviour = Behaviour(text=" ".join(f"w{i}" for i in range(64)))
+
+    events, error = await collect(resilient(openai_backend()).generate(make_request()))
+
+    assert error is None and text_of(events) == peer.behaviour.text
+    assert events[-1] == Finished("stop", Usage(prompt_tokens(peer.requests[0].body), 64))
+    assert peer.hangups == 0
+
+
+def test_token_counting_is_a_lower_bound_on_real_tokens() -> None:
+    assert [count_tokens(t) for t in ["", " ", "Hello", " from the", "peer,  one\nword"]] == [
+        0,
+        1,
+        1,
+        2,
+        3,
+    ]
+
+
+async def test_large_deltas_reach_the_caller_in_pieces_that_fit_a_message(
+    peer: OpenAIPeer, openai_backend: OpenAIFactory
+) -> None:
+    """A 200 KB delta of four-byte characters arrives whole, in pieces of at most 64 KiB."""
+    peer.behaviour = Behaviour(big_delta=50_000, big_delta_after=1, big_delta_char="\U0001d11e")
+
+    events, error = await collect(resilient(openai_backend()).generate(make_request()))
+
+    assert error is None and isinstance(events[-1], Finished)
+    pieces = [e.text for e in events if isinstance(e, TokenDelta)]
+    assert max(len(p.encode()) for p in pieces) <= MAX_DELTA_CHARS * 4 == 64 << 10
+    assert (
+        "".join(pieces) == "Hello" + "\U0001d11e" * 50_000 + " from the peer, one word at a time."
+    )
+
+
+async def test_an_oversized_delta_before_the_first_token_falls_back(
+    peer: OpenAIPeer, openai_backend: OpenAIFactory
+) -> None:
+    """A 6 MB content chunk is a failure of the backend: not retried, counted, fallen back from."""
+    peer.behaviour = Behaviour(big_delta=6_000_000, big_delta_after=0)
+    primary = resilient(openai_backend(breaker=BreakerConfig(failures=1)))
+    chain = FallbackChain([primary, resilient(LocalBackend("local"))])
+
+    events, error = await collect(chain.generate(make_request()))
+
+    assert error is None
+    assert events[0] == Served("local", attempts=1, fallbacks_tried=["primary"])
+    assert len(peer.requests) == 1 and primary.breaker.state == "open"
+
+
+async def test_an_oversized_delta_after_the_first_token_interrupts(
+    peer: OpenAIPeer, openai_backend: OpenAIFactory
+) -> None:
+    peer.behaviour = Behaviour(big_delta=6_000_000, big_delta_after=2)
+    primary = resilient(openai_backend(breaker=BreakerConfig(failures=1)))
+    chain = FallbackChain([primary, resilient(LocalBackend("local"))])
+
+    events, error = await collect(chain.generate(make_request()))
+
+    assert isinstance(error, StreamInterrupted) and error.backend == "primary"
+    assert f"a line longer than {MAX_LINE_CHARS} characters" in str(error)
+    assert text_of(events) == "Hello from"
+    assert len(peer.requests) == 1 and primary.breaker.state == "open"
+
+
+# -- shares of the deadline ------------------------------------------------------------------
+
+
+@pytest.fixture()
+def second_peer() -> Iterator[OpenAIPeer]:
+    server = OpenAIPeer(Behaviour(text="The fallback answers in time."))
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize(
+    "hang",
+    [Behaviour(first_byte_delay=30), Behaviour(chunk_delay=30)],
+    ids=["before-the-headers", "after-the-headers"],
+)
+async def test_a_hanging_primary_leaves_the_fallback_its_turn(
+    peer: OpenAIPeer, second_peer: OpenAIPeer, openai_backend: OpenAIFactory, hang: Behaviour
+) -> None:
+    """Under a 3 s deadline, the primary's tries (three allowed) wait for a first token only
+    within its share; the fallback, a healthy server, then answers before the deadline."""
+    peer.behaviour = hang
+    primary = resilient(openai_backend())
+    fallback = resilient(openai_backend("fallback", url=second_peer.url))
+    request = make_request(within=3)
+
+    events, error = await collect(FallbackChain([primary, fallback]).generate(request))
+
+    assert error is None
+    assert request.deadline is not None and time.monotonic() < request.deadline
+    assert events[0] == Served("fallback", attempts=1, fallbacks_tried=["primary"])
+    assert text_of(events) == second_peer.behaviour.text
+    assert isinstance(events[-1], Finished)
+    assert 1 <= len(peer.requests) <= FAST_RETRY.attempts
+
+
+async def test_a_share_bounds_only_the_wait_for_the_first_token(
+    peer: OpenAIPeer, openai_backend: OpenAIFactory
+) -> None:
+    """The primary's share of an 8 s deadline is about 1.3 s a try; its answer, started at once,
+    takes about 2 s and is not cut."""
+    peer.behaviour = Behaviour(text="one two three four", chunk_delay=0.3)
+    chain = FallbackChain([resilient(openai_backend()), resilient(LocalBackend("local"))])
+
+    events, error = await collect(chain.generate(make_request(within=8)))
+
+    assert error is None and text_of(events) == "one two three four"
+    assert events[0] == Served("primary", attempts=1, fallbacks_tried=[])
+    assert len(peer.requests) == 1
+
+
 # -- the local backend -----------------------------------------------------------------------
 
 
@@ -493,9 +673,8 @@ async def test_local_backend_is_deterministic_and_counts_honestly() -> None:
 class FakeGenerator(pb_grpc.GeneratorServicer):
     """A tiny Generator: fails with the queued status codes first, then answers."""
 
-    words = ["generated", "by", "the", "fake", "generator"]
-
     def __init__(self) -> None:
+        self.words = ["generated", "by", "the", "fake", "generator"]
         self.failures: deque[grpc.StatusCode] = deque()
         self.delay = 0.0
         self.calls = 0
@@ -513,7 +692,9 @@ class FakeGenerator(pb_grpc.GeneratorServicer):
             yield pb.GenerateEvent(delta=word if i == 0 else " " + word)
         prompt = sum(len(m.content.split()) for m in request.messages)
         yield pb.GenerateEvent(
-            done=pb.Done(finish_reason="stop", prompt_tokens=prompt, completion_tokens=5)
+            done=pb.Done(
+                finish_reason="stop", prompt_tokens=prompt, completion_tokens=len(self.words)
+            )
         )
 
 
@@ -589,6 +770,43 @@ async def test_grpc_slow_generator_ends_at_the_deadline(
         await backend.aclose()
 
 
+async def test_grpc_oversized_message_fails_without_retry(
+    generator: tuple[FakeGenerator, str],
+) -> None:
+    servicer, address = generator
+    servicer.words = ["x" * (2 << 20)]
+    config = BackendConfig(
+        kind="grpc", url=address, retry=FAST_RETRY, breaker=BreakerConfig(failures=1)
+    )
+    backend = ResilientBackend(GrpcBackend("own-model", config), config, rng=random.Random(0))
+    try:
+        events, error = await collect(backend.generate(make_request(within=5)))
+    finally:
+        await backend.aclose()
+
+    assert events == [] and error is not None and not error.retryable
+    assert f"a message larger than {MAX_MESSAGE_BYTES} bytes" in str(error)
+    assert servicer.calls == 1 and backend.breaker.state == "open"
+
+
+async def test_grpc_runaway_stream_is_stopped_at_max_tokens(
+    generator: tuple[FakeGenerator, str],
+) -> None:
+    servicer, address = generator
+    servicer.words = ["w"] * 1000
+    config = BackendConfig(kind="grpc", url=address)
+    backend = ResilientBackend(GrpcBackend("own-model", config), config, rng=random.Random(0))
+    request = make_request(within=5)
+    try:
+        events, error = await collect(backend.generate(request))
+    finally:
+        await backend.aclose()
+
+    assert error is None
+    assert len([e for e in events if isinstance(e, TokenDelta)]) == 64
+    assert events[-1] == Finished("length", Usage(estimate_prompt_tokens(request), 64))
+
+
 # -- the pool --------------------------------------------------------------------------------
 
 
@@ -609,6 +827,8 @@ async def test_pool_builds_chains_and_reports_breakers(peer: OpenAIPeer) -> None
         assert error is None
         assert events[0] == Served("local", attempts=1, fallbacks_tried=["primary"])
         assert pool.breaker_states() == {"primary": "closed", "own": "closed", "local": "closed"}
+        assert pool.breaker_states(["local", "primary"]) == {"local": "closed", "primary": "closed"}
+        assert pool.breaker_state("own") == "closed"
         with pytest.raises(KeyError, match="unknown backends"):
             pool.chain("primary", ["nowhere"])
     finally:

@@ -1,7 +1,9 @@
 """A backend calling the Generator service (protos/plexus/v1/generator.proto) over grpc.aio.
 
 The Generator service is the small streaming contract anyone can implement to put their own
-model behind Plexus: it streams ``delta`` events and ends with one ``done`` carrying usage.
+model behind Plexus: it streams ``delta`` events and ends with one ``done`` carrying usage. Each
+event may take at most ``MAX_MESSAGE_BYTES`` and the whole answer ``response_limit`` bytes (see
+:mod:`router.backends.common`); a Generator that sends more fails the call, without a retry.
 """
 
 from __future__ import annotations
@@ -14,6 +16,15 @@ import grpc
 
 from router._generated.plexus.v1 import generator_pb2 as pb
 from router._generated.plexus.v1 import generator_pb2_grpc as pb_grpc
+from router.backends.common import (
+    MAX_MESSAGE_BYTES,
+    backend_error,
+    call_end,
+    output_limit,
+    oversized,
+    response_limit,
+    timed_out,
+)
 from router.backends.types import (
     BackendError,
     Finished,
@@ -25,6 +36,11 @@ from router.backends.types import (
 from router.config import BackendConfig
 
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+# How grpc reports, as RESOURCE_EXHAUSTED, a message over the channel's receive limit (ours, so
+# not a server asking us to back off): a failure of this backend, not worth retrying.
+_TOO_LARGE = "larger than max"
+_FRAME_BYTES = 5  # each message's gRPC length prefix, counted with it
 
 
 class GrpcBackend:
@@ -42,7 +58,7 @@ class GrpcBackend:
     def _generator(self) -> pb_grpc.GeneratorStub:
         # Opened on first use so that the channel belongs to the loop that serves the calls.
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.config.url)
+            self._channel = grpc.aio.insecure_channel(self.config.url, options=_CHANNEL_OPTIONS)
             self._stub = pb_grpc.GeneratorStub(self._channel)
         return self._stub
 
@@ -52,36 +68,35 @@ class GrpcBackend:
             self._channel = self._stub = None
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        now = time.monotonic()
-        end = now + self.config.timeout_seconds
-        if request.deadline is not None:
-            if request.deadline <= now:
-                raise self._error("the request deadline has already passed", retryable=False)
-            end = min(end, request.deadline)
+        end = call_end(self.name, request, self.config.timeout_seconds)
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout_at(loop.time() + (end - now)):
+            async with asyncio.timeout_at(loop.time() + (end - time.monotonic())):
                 await self._semaphore.acquire()
         except TimeoutError:
-            raise self._timed_out(request) from None
+            raise timed_out(self.name, request, self.config.timeout_seconds) from None
         try:
+            max_tokens = output_limit(request.max_tokens, self.config.max_output_tokens)
             message = pb.GenerateRequest(
                 messages=[pb.ChatMessage(role=m.role, content=m.content) for m in request.messages],
-                max_tokens=min(request.max_tokens, self.config.max_output_tokens)
-                if request.max_tokens > 0
-                else self.config.max_output_tokens,
+                max_tokens=max_tokens,
                 temperature=request.temperature,
                 model=self.config.model,
                 request_id=request.request_id,
             )
             call = self._generator().Generate(message, timeout=max(end - time.monotonic(), 0.001))
             try:
+                limit = response_limit(max_tokens)
+                received = 0  # bytes of the answer
                 finished: Finished | None = None
                 while True:
                     event = await call.read()
                     if event is grpc.aio.EOF:
                         break
                     assert isinstance(event, pb.GenerateEvent)
+                    received += event.ByteSize() + _FRAME_BYTES
+                    if received > limit:
+                        raise oversized(self.name, f"a response larger than {limit} bytes")
                     kind = event.WhichOneof("event")
                     if kind == "delta":
                         if event.delta:
@@ -94,7 +109,7 @@ class GrpcBackend:
                         )
                         break
                 if finished is None:
-                    raise self._error("stream ended early: no done event", retryable=False)
+                    raise backend_error(self.name, "stream ended early: no done event")
                 yield finished
             except grpc.aio.AioRpcError as exc:
                 raise self._rpc_error(exc, request) from None
@@ -105,18 +120,11 @@ class GrpcBackend:
 
     def _rpc_error(self, exc: grpc.aio.AioRpcError, request: GenerationRequest) -> BackendError:
         code = exc.code()
+        details = exc.details() or "no details"
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return self._timed_out(request)
-        return self._error(
-            f"{code.name}: {exc.details() or 'no details'}", retryable=code in RETRYABLE_CODES
+            return timed_out(self.name, request, self.config.timeout_seconds)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE in details:
+            return oversized(self.name, f"a message larger than {MAX_MESSAGE_BYTES} bytes")
+        return backend_error(
+            self.name, f"{code.name}: {details}", retryable=code in RETRYABLE_CODES
         )
-
-    def _timed_out(self, request: GenerationRequest) -> BackendError:
-        past = request.deadline is not None and time.monotonic() >= request.deadline
-        limit = (
-            "the request deadline" if past else f"timeout_seconds={self.config.timeout_seconds:g}"
-        )
-        return self._error(f"timed out ({limit})", retryable=not past)
-
-    def _error(self, message: str, *, retryable: bool) -> BackendError:
-        return BackendError(f"{self.name}: {message}", backend=self.name, retryable=retryable)

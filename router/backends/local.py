@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from router.backends.common import output_limit
 from router.backends.types import (
     Finished,
     GenerationEvent,
@@ -39,10 +40,7 @@ class LocalBackend:
             f"the last says: {shown}"
         )
         words = reply.split()
-        limit = min(request.max_tokens, self.config.max_output_tokens)
-        if limit <= 0:
-            limit = self.config.max_output_tokens
-        sent = words[:limit]
+        sent = words[: output_limit(request.max_tokens, self.config.max_output_tokens)]
         for i, word in enumerate(sent):
             yield TokenDelta(word if i == 0 else " " + word)
         prompt_tokens = sum(len(m.content.split()) for m in request.messages)

@@ -1,10 +1,11 @@
-"""An OpenAI-compatible chat-completions backend over HTTP (streaming by default).
+"""An OpenAI-compatible chat-completions backend over HTTP, streaming server-sent events.
 
 One pooled ``aiohttp.ClientSession`` (created on the running loop at the first call) and one
 semaphore per backend bound how many calls run at once. Every await of a call (waiting for a
 slot, connecting, each read) is bounded by the earlier of the request's deadline and
-``timeout_seconds``; every failure becomes a :class:`BackendError` saying whether a retry could
-help.
+``timeout_seconds``, and every read by size (a line, an event, the whole answer, an error body:
+see :mod:`router.backends.common`); every failure becomes a :class:`BackendError` saying whether
+a retry could help.
 """
 
 from __future__ import annotations
@@ -26,6 +27,19 @@ from typing import Any
 import aiohttp
 
 from router.backends._aio import closing
+from router.backends.common import (
+    MAX_ERROR_BODY_BYTES,
+    MAX_EVENT_CHARS,
+    MAX_LINE_CHARS,
+    backend_error,
+    call_end,
+    count_tokens,
+    estimate_prompt_tokens,
+    output_limit,
+    oversized,
+    response_limit,
+    timed_out,
+)
 from router.backends.types import (
     BackendError,
     Finished,
@@ -73,26 +87,18 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     return max((when - (now or datetime.now(UTC))).total_seconds(), 0.0)
 
 
-def estimate_prompt_tokens(request: GenerationRequest) -> int:
-    """About four characters a token, when the server reports no usage."""
-    return max(sum(len(m.content) for m in request.messages) // 4, 1)
-
-
 class OpenAIBackend:
-    """A backend speaking OpenAI's ``POST {url}/chat/completions``.
+    """A backend speaking OpenAI's ``POST {url}/chat/completions`` with ``stream: true``.
 
-    ``stream=True`` (the default) asks for server-sent events and yields each content delta as it
-    arrives; ``stream=False`` asks for one JSON answer and yields it as a single delta. Either
-    way the last event is one :class:`Finished` with the server's usage (estimated when the
-    server sends none).
+    It yields each content delta as it arrives, then one :class:`Finished` with the server's
+    usage (estimated when the server sends none).
     """
 
-    def __init__(self, name: str, config: BackendConfig, *, stream: bool = True):
+    def __init__(self, name: str, config: BackendConfig):
         if config.kind != "openai":
             raise ValueError(f"backend {name!r}: OpenAIBackend needs kind 'openai'")
         self.name = name
         self.config = config
-        self.stream = stream
         self.endpoint = config.url.rstrip("/") + "/chat/completions"
         self._proxy, self._proxy_auth = _environment_proxy(self.endpoint)
         self._semaphore = asyncio.Semaphore(config.max_concurrency)
@@ -106,7 +112,7 @@ class OpenAIBackend:
             await client.close()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        end = self._end(request)
+        end = call_end(self.name, request, self.config.timeout_seconds)
         try:
             async with self._slot(end):
                 body = self._body(request)
@@ -114,33 +120,20 @@ class OpenAIBackend:
                 response = await self._send(body, headers, end)
                 try:
                     await self._check_status(response, end)
-                    if self.stream:
-                        stream = self._read_stream(response, request, end)
-                        async with closing(stream) as events:
-                            async for event in events:
-                                yield event
-                    else:
-                        for event in await self._read_whole(response, request, end):
+                    stream = self._read_stream(response, request, body["max_tokens"], end)
+                    async with closing(stream) as events:
+                        async for event in events:
                             yield event
                 finally:
                     response.release()  # back to the pool if the body was read to its end
         except TimeoutError as exc:  # ours (asyncio.timeout_at) or aiohttp's (ClientTimeout)
-            raise self._timed_out(request) from exc
+            raise timed_out(self.name, request, self.config.timeout_seconds) from exc
         except _CONNECTION_ERRORS as exc:
             raise self._error(f"connection error ({_describe(exc)})", retryable=True) from exc
         except aiohttp.ClientError as exc:
             raise self._error(f"request failed ({type(exc).__name__}: {exc})") from exc
 
     # -- the call ----------------------------------------------------------------------------
-
-    def _end(self, request: GenerationRequest) -> float:
-        now = time.monotonic()
-        end = now + self.config.timeout_seconds
-        if request.deadline is not None:
-            if request.deadline <= now:
-                raise self._error("the request deadline has already passed")
-            end = min(end, request.deadline)
-        return end
 
     def _within(self, end: float) -> asyncio.Timeout:
         """A timeout at ``end`` (time.monotonic) on the loop's own clock."""
@@ -157,17 +150,15 @@ class OpenAIBackend:
             self._semaphore.release()
 
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
-        limit = self.config.max_output_tokens
         body: dict[str, Any] = {
             "messages": [{"role": m.role, "content": m.content} for m in request.messages],
-            "max_tokens": min(request.max_tokens, limit) if request.max_tokens > 0 else limit,
+            "max_tokens": output_limit(request.max_tokens, self.config.max_output_tokens),
             "temperature": request.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
         }
         if self.config.model:
             body["model"] = self.config.model
-        if self.stream:
-            body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
         return body
 
     def _headers(self) -> dict[str, str]:
@@ -184,7 +175,7 @@ class OpenAIBackend:
         client = self._client
         if client is None:
             if self._closed:
-                raise RuntimeError("Cannot send a request, as the client has been closed.")
+                raise RuntimeError(f"backend {self.name!r} is closed: aclose() was called")
             connector = aiohttp.TCPConnector(
                 limit=self.config.max_concurrency,
                 limit_per_host=0,
@@ -194,7 +185,9 @@ class OpenAIBackend:
                 connector=connector,
                 headers=_ACCEPT,
                 timeout=aiohttp.ClientTimeout(total=self.config.timeout_seconds),
-                cookie_jar=aiohttp.CookieJar(unsafe=True),  # keep cookies, as httpx did
+                # keep the cookies the server sets (a load balancer's sticky session, say), even
+                # when its URL names an IP address
+                cookie_jar=aiohttp.CookieJar(unsafe=True),
             )
         return client
 
@@ -220,8 +213,7 @@ class OpenAIBackend:
         if status < 400:
             return
         try:
-            async with self._within(end):
-                raw = await response.read()
+            raw = await self._read_some(response.content, MAX_ERROR_BODY_BYTES, end)
             detail = _error_detail(raw)
         except (TimeoutError, aiohttp.ClientError, OSError):
             detail = "(no readable body)"
@@ -234,69 +226,71 @@ class OpenAIBackend:
             retry_after=retry_after,
         )
 
-    async def _read_whole(
-        self, response: aiohttp.ClientResponse, request: GenerationRequest, end: float
-    ) -> list[GenerationEvent]:
+    async def _read_some(self, body: aiohttp.StreamReader, limit: int, end: float) -> bytes:
+        """The body's first ``limit`` bytes (all of it if shorter); the rest is left unread, so
+        releasing the response closes its connection."""
+        parts: list[bytes] = []
+        size = 0
         async with self._within(end):
-            raw = await response.read()
-        try:
-            answer = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise self._error(
-                f"malformed JSON in the response body ({exc}): {raw[:80]!r}"
-            ) from None
-        if not isinstance(answer, dict):
-            raise self._error(f"malformed response: expected a JSON object, got {raw[:80]!r}")
-        if "error" in answer:
-            raise self._error(f"error in the response: {_error_message(answer['error'])}")
-        choices = answer.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            raise self._error("malformed response: no choices")
-        message = choices[0].get("message")
-        content = message.get("content") if isinstance(message, dict) else None
-        if content is not None and not isinstance(content, str):
-            raise self._error("malformed response: choices[0].message.content is not a string")
-        reason = choices[0].get("finish_reason") or "stop"
-        text = content or ""
-        usage = _usage(answer.get("usage")) or Usage(
-            estimate_prompt_tokens(request), len(text.split())
-        )
-        events: list[GenerationEvent] = [TokenDelta(text)] if text else []
-        events.append(Finished(str(reason), usage))
-        return events
+            while size < limit:
+                chunk = await body.read(limit - size)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                size += len(chunk)
+        return b"".join(parts)
 
     async def _read_stream(
-        self, response: aiohttp.ClientResponse, request: GenerationRequest, end: float
+        self,
+        response: aiohttp.ClientResponse,
+        request: GenerationRequest,
+        max_tokens: int,
+        end: float,
     ) -> AsyncIterator[GenerationEvent]:
         data: list[str] = []  # the data lines of the event being read
-        deltas = 0
+        size = 0  # their characters
+        tokens = 0
         reason: str | None = None
         usage: Usage | None = None
         done = False
         body = response.content
-        lines = _Lines(_charset(response))
+        lines = _Lines(_charset(response), MAX_LINE_CHARS)
+        limit = response_limit(max_tokens)
+        received = 0  # bytes of the body
         eof = False
         while not done and not eof:
             chunk = body.read_nowait()  # what has already arrived, without waiting
             if not chunk and not body.is_eof():
                 async with self._within(end):
                     chunk = await body.readany()
-            if chunk:
-                batch = lines.feed(chunk)
-            else:
-                eof = True
-                batch = lines.close()
+            received += len(chunk)
+            if received > limit:
+                raise oversized(self.name, f"a response larger than {limit} bytes")
+            eof = not chunk
+            try:
+                batch = lines.close() if eof else lines.feed(chunk)
+            except _Oversized as exc:
+                raise oversized(self.name, str(exc)) from None
             for line in batch:
                 if line:
                     if line.startswith("data:"):  # the usual field, without the general parse
-                        data.append(line[6:] if line.startswith(" ", 5) else line[5:])
+                        value = line[6:] if line.startswith(" ", 5) else line[5:]
+                        data.append(value)
+                        size += len(value)
                     else:
-                        data.extend(self._sse_line(line))
+                        for value in self._sse_line(line):
+                            data.append(value)
+                            size += len(value)
+                    if size > MAX_EVENT_CHARS:
+                        raise oversized(
+                            self.name, f"an event larger than {MAX_EVENT_CHARS} characters"
+                        )
                     continue
                 if not data:  # a blank line ends an event; several in a row are harmless
                     continue
                 payload = data[0] if len(data) == 1 else "\n".join(data)
                 data.clear()
+                size = 0
                 if payload.strip() == "[DONE]":
                     done = True
                     break
@@ -304,13 +298,13 @@ class OpenAIBackend:
                 reason = finish or reason
                 usage = chunk_usage or usage
                 if content:
-                    deltas += 1
+                    tokens += count_tokens(content)
                     yield TokenDelta(content)
         if done:
-            await self._drain(body, end)
+            await self._drain(body, limit - received, end)
         if not done and reason is None:
             raise self._error("stream ended early: no [DONE] and no finish_reason")
-        yield Finished(reason or "stop", usage or Usage(estimate_prompt_tokens(request), deltas))
+        yield Finished(reason or "stop", usage or Usage(estimate_prompt_tokens(request), tokens))
 
     def _sse_line(self, line: str) -> list[str]:
         """The data a line adds to the current event; comments and other fields add nothing."""
@@ -347,44 +341,45 @@ class OpenAIBackend:
         finish = choices[0].get("finish_reason")
         return content, (str(finish) if finish else None), usage
 
-    async def _drain(self, body: aiohttp.StreamReader, end: float) -> None:
-        """Read what follows [DONE] (normally nothing) so the connection can be reused."""
+    async def _drain(self, body: aiohttp.StreamReader, budget: int, end: float) -> None:
+        """Read what follows [DONE] (normally nothing), up to ``budget`` bytes, so that the
+        connection can be reused; a body that goes on is left unread (its connection closed)."""
         try:
-            while body.read_nowait():  # what has already arrived
-                pass
-            if body.is_eof():
+            while budget >= 0 and (chunk := body.read_nowait()):  # what has already arrived
+                budget -= len(chunk)
+            if body.is_eof() or budget < 0:
                 return
-            budget = min(_DRAIN_SECONDS, end - time.monotonic())
-            if budget <= 0:
+            seconds = min(_DRAIN_SECONDS, end - time.monotonic())
+            if seconds <= 0:
                 return
-            async with asyncio.timeout(budget):
-                while await body.readany():
-                    pass
+            async with asyncio.timeout(seconds):
+                while budget >= 0 and (chunk := await body.readany()):
+                    budget -= len(chunk)
         except (TimeoutError, aiohttp.ClientError, OSError):
             pass  # the response is released by the caller either way
 
     # -- errors ------------------------------------------------------------------------------
 
     def _error(self, message: str, *, retryable: bool = False) -> BackendError:
-        return BackendError(f"{self.name}: {message}", backend=self.name, retryable=retryable)
+        return backend_error(self.name, message, retryable=retryable)
 
-    def _timed_out(self, request: GenerationRequest) -> BackendError:
-        past = request.deadline is not None and time.monotonic() >= request.deadline
-        limit = (
-            "the request deadline" if past else f"timeout_seconds={self.config.timeout_seconds:g}"
-        )
-        return self._error(f"timed out ({limit})", retryable=not past)
+
+class _Oversized(Exception):
+    """A part of the body exceeds its bound (the message says which)."""
 
 
 class _Lines:
     """Splits a body into text lines at CRLF, LF or CR (as server-sent events do), however its
-    bytes were cut into chunks; a line is only handed out once its end has arrived."""
+    bytes were cut into chunks; a line is only handed out once its end has arrived, and one
+    longer than ``limit`` characters raises :class:`_Oversized` as soon as it is seen."""
 
-    __slots__ = ("_decoder", "_parts")
+    __slots__ = ("_decoder", "_limit", "_parts", "_pending")
 
-    def __init__(self, encoding: str):
+    def __init__(self, encoding: str, limit: int):
         self._decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
+        self._limit = limit
         self._parts: list[str] = []  # the start of a line whose end has not arrived
+        self._pending = 0  # its characters
 
     def feed(self, chunk: bytes) -> list[str]:
         text = self._decoder.decode(chunk)
@@ -392,6 +387,9 @@ class _Lines:
         if "\n" not in text and "\r" not in text:
             if text:
                 parts.append(text)
+                self._pending += len(text)
+                if self._pending > self._limit:
+                    raise self._too_long()
             return []
         if parts:
             parts.append(text)
@@ -402,7 +400,7 @@ class _Lines:
             rest = lines.pop()
             if rest:
                 parts.append(rest)
-            return lines
+            return self._checked(lines, text, rest)
         held = text.endswith("\r")  # perhaps the first half of a CRLF cut between chunks
         if held:
             text = text[:-1]
@@ -410,18 +408,31 @@ class _Lines:
         rest = lines.pop()
         if rest or held:
             parts.append(rest + "\r" if held else rest)
-        return lines
+        return self._checked(lines, text, rest)
 
     def close(self) -> list[str]:
         """The lines left at the end of the body (the last one may lack its line end)."""
         text = "".join(self._parts) + self._decoder.decode(b"", final=True)
         self._parts.clear()
+        self._pending = 0
         if not text:
             return []
         lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
         if not lines[-1]:
             lines.pop()
+        return self._checked(lines, text, "")
+
+    def _checked(self, lines: list[str], text: str, rest: str) -> list[str]:
+        self._pending = len(rest)
+        # No line can be longer than the text it came from: the usual case costs one compare.
+        if len(text) > self._limit and (
+            len(rest) > self._limit or any(len(line) > self._limit for line in lines)
+        ):
+            raise self._too_long()
         return lines
+
+    def _too_long(self) -> _Oversized:
+        return _Oversized(f"a line longer than {self._limit} characters")
 
 
 def _charset(response: aiohttp.ClientResponse) -> str:
@@ -438,7 +449,7 @@ def _charset(response: aiohttp.ClientResponse) -> str:
 
 def _environment_proxy(url: str) -> tuple[str | None, aiohttp.BasicAuth | None]:
     """The proxy for ``url`` from the environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY and
-    NO_PROXY, as httpx read them), looked up once rather than on every request."""
+    NO_PROXY, as ``urllib.request`` reads them), looked up once rather than on every request."""
     target = urllib.parse.urlsplit(url)
     proxies = urllib.request.getproxies()
     proxy = proxies.get(target.scheme) or proxies.get("all")

@@ -1,11 +1,18 @@
 """Resilience around backends: circuit breakers, retries with backoff, fallback chains.
 
 - :class:`CircuitBreaker` stops calling a backend that keeps failing, then probes it.
-- :class:`ResilientBackend` wraps one backend with its breaker and retries; it retries only
-  retryable errors and only while nothing has reached the caller.
+- :class:`ResilientBackend` wraps one backend with its breaker, retries and output bounds; it
+  retries only retryable errors and only while nothing has reached the caller.
 - :class:`FallbackChain` tries backends in order; it moves on only before the first token and
   announces which backend served the call with a :class:`Served` event.
 - :class:`BackendPool` owns one resilient backend per configured backend of a tenant.
+
+Under a deadline, the time to a first token is shared out so that every backend of a chain gets
+its turn: each backend may take an equal share of what is left (counting those after it whose
+breaker is not open), and each of its tries an equal share of what is left of the backend's;
+no share is shorter than ``MIN_SHARE_SECONDS`` unless less than that is left. A try with no
+first event (token or Finished) within its share fails with a retryable timeout. Once an answer
+has started, it may run until the request's deadline.
 """
 
 from __future__ import annotations
@@ -14,10 +21,11 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from router.backends._aio import closing
+from router.backends.common import backend_error, bound_output, output_limit, timed_out
 from router.backends.grpc_backend import GrpcBackend
 from router.backends.local import LocalBackend
 from router.backends.openai import OpenAIBackend
@@ -34,6 +42,14 @@ from router.config import BackendConfig, BreakerConfig
 log = logging.getLogger("plexus.backends")
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+MIN_SHARE_SECONDS = 1.0  # a model seldom gives its first token much sooner under load
+
+
+def share_end(now: float, end: float, parts: int) -> float:
+    """The end of the first of ``parts`` equal shares of the time from ``now`` to ``end``: never
+    shorter than ``MIN_SHARE_SECONDS`` unless less than that is left."""
+    left = end - now
+    return now + min(max(left / parts, MIN_SHARE_SECONDS), left)
 
 
 class StreamInterrupted(BackendError):
@@ -43,7 +59,9 @@ class StreamInterrupted(BackendError):
 
 @dataclass(frozen=True)
 class Served:
-    """Which backend is answering: yielded once, right before the first token (or Finished)."""
+    """Which backend is answering: yielded once, right before the first token (or Finished).
+
+    ``attempts`` counts the tries on this backend, the answering one included."""
 
     backend: str
     attempts: int  # tries on this backend, the successful one included
@@ -115,21 +133,16 @@ class CircuitBreaker:
         log.log(level, "circuit %s: %s -> %s (%s)", self.name, previous, state, why)
 
 
-class _Attempts:
-    """How many tries a call took, for the Served event."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-
 class ResilientBackend:
-    """One backend behind its circuit breaker, with retries.
+    """One backend behind its circuit breaker, with retries and output bounds.
 
     A retryable error before the first token is retried after an exponential backoff with full
     jitter (``min(max_backoff, backoff * 2**attempt) * U[0, 1)``), or after the backend's
-    Retry-After when that is longer. A retry that could not start before the request deadline
-    (or, with no deadline, that would wait longer than ``timeout_seconds``) is not made: the
-    last error is raised instead. Every failed try counts against the breaker.
+    Retry-After when that is longer. A retry that could not start within the time the backend
+    has (its share of a chain's deadline, the request deadline, or with neither, that would
+    wait longer than ``timeout_seconds``) is not made: the last error is raised instead. Every
+    failed try counts against the breaker. Every try's stream is bounded by
+    :func:`router.backends.common.bound_output` (``max_tokens``, delta size).
     """
 
     def __init__(
@@ -152,56 +165,65 @@ class ResilientBackend:
         await self.backend.aclose()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        async with closing(self._run(request, _Attempts())) as events:
+        """The answer's events, as a :class:`Backend` yields them (see :meth:`serve`)."""
+        async with closing(self.serve(request)) as events:
             async for event in events:
-                yield event
+                if not isinstance(event, Served):
+                    yield event
 
-    def backoff(self, attempt: int, retry_after: float | None = None) -> float:
-        """Seconds to wait before try ``attempt + 1`` (``attempt`` counts from 0)."""
-        retry = self.config.retry
-        ceiling = min(retry.max_backoff_ms, retry.backoff_ms * 2.0**attempt) / 1000.0
-        delay = ceiling * self._rng.random()
-        if retry_after is not None and retry_after > delay:
-            delay = retry_after
-        return delay
+    async def serve(
+        self,
+        request: GenerationRequest,
+        *,
+        until: float | None = None,
+        fallbacks_tried: Sequence[str] = (),
+    ) -> AsyncIterator[GenerationEvent | Served]:
+        """Try the backend until it answers; yield one :class:`Served` (this backend, the tries
+        it took, ``fallbacks_tried``) right before the answer's first event, then its events.
 
-    async def _run(
-        self, request: GenerationRequest, attempts: _Attempts
-    ) -> AsyncIterator[GenerationEvent]:
+        ``until`` (``time.monotonic``) is when the backend must have started answering, e.g.
+        its share of a chain's deadline; by default the request's deadline. Its tries share the
+        time up to it (see the module's docstring).
+        """
+        if request.deadline is not None:
+            until = request.deadline if until is None else min(until, request.deadline)
         tries = self.config.retry.attempts
+        max_tokens = output_limit(request.max_tokens, self.config.max_output_tokens)
         last: BackendError | None = None
         for attempt in range(tries):
-            if request.deadline is not None and time.monotonic() >= request.deadline:
-                raise last or BackendError(
-                    f"{self.name}: the request deadline has already passed",
-                    backend=self.name,
-                    retryable=False,
-                )
+            now = time.monotonic()
+            if request.deadline is not None and now >= request.deadline:
+                raise last or backend_error(self.name, "the request deadline has already passed")
+            if last is not None and until is not None and now >= until:
+                raise last  # its time is spent: what is left belongs to the next backend
             try:
                 self.breaker.before_call()
             except BackendError:
                 if last is not None:  # our own failures opened it: report what failed
                     raise last from None
                 raise
-            attempts.count = attempt + 1
+            first_by = None if until is None else share_end(now, until, tries - attempt)
             streamed = False
             settled = False
             delay = 0.0
             try:
-                async with closing(self.backend.generate(request)) as events:
-                    async for event in events:
+                answer = bound_output(self.backend.generate(request), request, max_tokens)
+                async with closing(answer) as events:
+                    event = await self._first(events, request, first_by)
+                    if event is not None:
+                        yield Served(self.name, attempt + 1, list(fallbacks_tried))
+                    while event is not None:
                         if isinstance(event, TokenDelta):
                             streamed = True
                         elif isinstance(event, Finished):
                             settled = True
                             self.breaker.record_success()
                         yield event
+                        if settled:  # the answer is whole: what the backend does next is moot
+                            break
+                        event = await anext(events, None)
                 if not settled:
-                    raise BackendError(
-                        f"{self.name}: the backend ended without a Finished event",
-                        backend=self.name,
-                        retryable=False,
-                    )
+                    raise backend_error(self.name, "the backend ended without a Finished event")
                 return
             except BackendError as exc:
                 settled = True
@@ -210,9 +232,9 @@ class ResilientBackend:
                 if streamed or not exc.retryable or attempt + 1 >= tries:
                     raise
                 delay = self.backoff(attempt, exc.retry_after)
-                if not self._can_wait(request, delay):
+                if not self._can_wait(until, delay):
                     log.info(
-                        "%s: no retry, waiting %.2fs would pass the deadline", self.name, delay
+                        "%s: no retry, waiting %.2fs would pass the time it has", self.name, delay
                     )
                     raise
                 log.info(
@@ -227,18 +249,47 @@ class ResilientBackend:
                 settled = True
                 self.breaker.record_failure()
                 log.exception("%s: unexpected error from the backend", self.name)
-                raise BackendError(
-                    f"{self.name}: unexpected error: {exc!r}", backend=self.name, retryable=False
-                ) from exc
+                raise backend_error(self.name, f"unexpected error: {exc!r}") from exc
             finally:
                 if not settled:  # cancelled or closed by the caller mid-call
                     self.breaker.release()
             await self._sleep(delay)
 
-    def _can_wait(self, request: GenerationRequest, delay: float) -> bool:
-        if request.deadline is None:
+    def backoff(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before try ``attempt + 1`` (``attempt`` counts from 0)."""
+        retry = self.config.retry
+        ceiling = min(retry.max_backoff_ms, retry.backoff_ms * 2.0**attempt) / 1000.0
+        delay = ceiling * self._rng.random()
+        if retry_after is not None and retry_after > delay:
+            delay = retry_after
+        return delay
+
+    async def _first(
+        self, events: AsyncIterator[GenerationEvent], request: GenerationRequest, by: float | None
+    ) -> GenerationEvent | None:
+        """The try's first event (None if it ended without one), due by ``by``."""
+        if by is None:
+            return await anext(events, None)
+        seconds = by - time.monotonic()
+        timeout = asyncio.timeout_at(asyncio.get_running_loop().time() + seconds)
+        try:
+            async with timeout:
+                return await anext(events, None)
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+        if request.deadline is not None and time.monotonic() >= request.deadline:
+            raise timed_out(self.name, request, self.config.timeout_seconds)
+        raise backend_error(
+            self.name,
+            f"timed out (no first token within {seconds:.2f}s, its share of the deadline)",
+            retryable=True,
+        )
+
+    def _can_wait(self, until: float | None, delay: float) -> bool:
+        if until is None:
             return delay <= self.config.timeout_seconds
-        return time.monotonic() + delay < request.deadline
+        return time.monotonic() + delay < until
 
 
 class FallbackChain:
@@ -254,17 +305,21 @@ class FallbackChain:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent | Served]:
         tried: list[str] = []
         errors: list[BackendError] = []
-        for backend in self.backends:
-            if errors and request.deadline is not None and time.monotonic() >= request.deadline:
+        for i, backend in enumerate(self.backends):
+            now = time.monotonic()
+            if errors and request.deadline is not None and now >= request.deadline:
                 break
-            attempts = _Attempts()
+            until = None
+            if request.deadline is not None:  # its share; open breakers after it need none
+                waiting = sum(1 for b in self.backends[i + 1 :] if b.breaker.state != OPEN)
+                until = share_end(now, request.deadline, 1 + waiting)
             served = False
             try:
-                async with closing(backend._run(request, attempts)) as events:
+                answer = backend.serve(request, until=until, fallbacks_tried=tried)
+                async with closing(answer) as events:
                     async for event in events:
-                        if not served:
+                        if isinstance(event, Served):
                             served = True
-                            yield Served(backend.name, attempts.count, list(tried))
                         yield event
                 return
             except BackendError as exc:
@@ -326,8 +381,15 @@ class BackendPool:
             raise KeyError(f"unknown backends {unknown}; have {sorted(self.backends)}")
         return FallbackChain([self.backends[n] for n in names])
 
-    def breaker_states(self) -> dict[str, str]:
-        return {name: backend.breaker.state for name, backend in self.backends.items()}
+    def breaker_state(self, name: str) -> str:
+        """``closed``, ``open`` or ``half_open``: the breaker of backend ``name``."""
+        return self.backends[name].breaker.state
+
+    def breaker_states(self, names: Iterable[str] | None = None) -> dict[str, str]:
+        """The breaker state of each of ``names`` (by default, every backend), by name."""
+        if names is None:
+            names = self.backends
+        return {name: self.backends[name].breaker.state for name in names}
 
     async def aclose(self) -> None:
         for name, backend in self.backends.items():

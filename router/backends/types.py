@@ -65,6 +65,10 @@ class BackendError(Exception):
 
 @runtime_checkable
 class Backend(Protocol):
+    """A generation backend: ``generate`` yields TokenDelta events, then one Finished, or raises
+    BackendError. Retries, breakers, shares of the deadline and the output bounds (max_tokens,
+    delta size) are applied around it by ``router.backends.resilience``."""
+
     name: str
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]: ...
