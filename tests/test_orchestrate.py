@@ -114,6 +114,20 @@ def test_failure_after_tokens_ends_with_an_error_event(stub, peer):
     assert events[-1].error.backend == "reasoning-large"
 
 
+def test_an_oversized_chunk_after_tokens_is_an_error_event(stub, peer):
+    peer.script(Behaviour(text="one two three four", big_delta=6_000_000, big_delta_after=2))
+    events = orchestrate(stub, DISPUTE)
+    assert kinds(events)[-1] == "error" and events[-1].error.code == "INTERRUPTED"
+    assert all(len(e.delta) <= 65_536 for e in events if e.WhichOneof("event") == "delta")
+
+
+def test_an_oversized_chunk_before_tokens_falls_back(stub, peer):
+    peer.script(Behaviour(text="one two", big_delta=6_000_000, big_delta_after=0))
+    final = orchestrate(stub, DISPUTE)[-1].final
+    assert final.backend == "policy-medium"
+    assert list(final.fallbacks_tried) == ["reasoning-large"]
+
+
 def test_deadline_bounds_the_backend_call(stub, peer):
     peer.script(Behaviour(first_byte_delay=5.0))
     started = time.monotonic()

@@ -16,15 +16,17 @@ import tempfile
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
 from tokenizers import Encoding, Tokenizer
 
 from router.errors import InvalidArgument
+from router.files import atomic_write
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 ENCODER_NAME = "all-MiniLM-L6-v2-onnx-int8"
@@ -90,6 +92,9 @@ def fold_constant_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     for 22 M weights, whatever the input length. onnxruntime leaves these nodes in place, so
     they are folded here once, at load.
     """
+    import onnx
+    from onnx import helper, numpy_helper
+
     constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
     kept: list[onnx.NodeProto] = []
     for node in model.graph.node:
@@ -124,6 +129,8 @@ def prepare_model(path: Path, quantize: bool = True) -> bytes:
     ~2.8 ms in float32 on this project's benchmark machine; embeddings keep a cosine of at
     least 0.99 to the float32 ones on the retail demo's texts.
     """
+    import onnx
+
     folded = fold_constant_weights(onnx.load(str(path)))
     del folded.graph.value_info[:]  # stale shapes of folded nodes confuse shape inference
     if not quantize:
@@ -133,8 +140,55 @@ def prepare_model(path: Path, quantize: bool = True) -> bytes:
     with tempfile.TemporaryDirectory(prefix="plexus-encoder-") as tmp:
         source, target = Path(tmp) / "folded.onnx", Path(tmp) / "quantized.onnx"
         onnx.save(folded, str(source))
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+        root = logging.getLogger()
+        root.addFilter(_no_preprocessing_advice)
+        try:
+            quantize_dynamic(
+                str(source), str(target), weight_type=QuantType.QInt8, per_channel=True
+            )
+        finally:
+            root.removeFilter(_no_preprocessing_advice)
         return target.read_bytes()
+
+
+def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
+    """onnxruntime's quantizer advises shape pre-processing on every run; for this graph (its
+    constants already folded) the advice changes nothing, so it is not repeated to operators."""
+    return not record.getMessage().startswith("Please consider to run pre-processing")
+
+
+def cache_dir() -> Path:
+    """Where prepared encoder graphs are kept: ``PLEXUS_CACHE_DIR``, else the user cache."""
+    configured = os.environ.get("PLEXUS_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "plexus"
+
+
+def cached_model(path: Path, quantize: bool = True, *, refresh: bool = False) -> bytes:
+    """``prepare_model``'s result, prepared once per source file, variant and onnxruntime.
+
+    Folding and quantizing take seconds; a start-up that finds the prepared graph reads it
+    instead. The cache key is the source file's SHA-256, the variant and onnxruntime's version
+    (the quantizer's output may change between versions). An unwritable cache only costs time;
+    ``refresh`` prepares the graph again and replaces the entry.
+    """
+    variant = "dynamic-int8" if quantize else "float32"
+    cached = cache_dir() / f"encoder-{file_sha256(path)[:16]}-{variant}-ort{ort.__version__}.onnx"
+    if not refresh:
+        try:
+            return cached.read_bytes()
+        except OSError:
+            pass
+    prepared = prepare_model(path, quantize)
+    try:
+        atomic_write(cached, prepared)
+    except OSError as exc:
+        log.warning(
+            "cannot cache the prepared encoder at %s (%s); preparing at each start", cached, exc
+        )
+    return prepared
 
 
 class SentenceEncoder:
@@ -149,9 +203,14 @@ class SentenceEncoder:
         device: str = "cpu",
     ) -> None:
         self.path = model_file()
-        self._session = inference_session(
-            prepare_model(self.path, quantize), threads, execution_providers(device)
-        )
+        providers = execution_providers(device)
+        try:
+            self._session = inference_session(cached_model(self.path, quantize), threads, providers)
+        except Exception as exc:  # noqa: BLE001 - a damaged cache entry: prepare it afresh
+            log.warning("the cached encoder graph is unusable (%s); preparing it again", exc)
+            self._session = inference_session(
+                prepare_model(self.path, quantize), threads, providers
+            )
         self.device = "cuda" if "CUDAExecutionProvider" in self._session.get_providers() else "cpu"
         self._tokenizer = load_tokenizer(MAX_TOKENS)
         self.batch_size = batch_size

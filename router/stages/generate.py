@@ -45,5 +45,4 @@ class Generate:
         ) / 1000.0
 
     def breakers(self, state: RequestState) -> dict[str, str]:
-        states = self.pools[state.caller.tenant].breaker_states()
-        return {name: states[name] for name in state.chain}
+        return self.pools[state.caller.tenant].breaker_states(state.chain)
