@@ -208,9 +208,8 @@ class SentenceEncoder:
             self._session = inference_session(cached_model(self.path, quantize), threads, providers)
         except Exception as exc:  # noqa: BLE001 - a damaged cache entry: prepare it afresh
             log.warning("the cached encoder graph is unusable (%s); preparing it again", exc)
-            self._session = inference_session(
-                prepare_model(self.path, quantize), threads, providers
-            )
+            prepared = cached_model(self.path, quantize, refresh=True)
+            self._session = inference_session(prepared, threads, providers)
         self.device = "cuda" if "CUDAExecutionProvider" in self._session.get_providers() else "cpu"
         self._tokenizer = load_tokenizer(MAX_TOKENS)
         self.batch_size = batch_size
