@@ -1,13 +1,17 @@
 """Build steps that pyproject.toml cannot declare: Cython extensions and gRPC code generation.
 
-The extensions are compiled from ``native/`` into ``router._native``; the protobuf and gRPC
-modules are generated from ``protos/plexus/v1`` into ``router._generated`` (never committed).
+The extensions are compiled from ``native/`` into ``router._native``; their C-level declarations
+(``.pxd``) and Python stubs (``.pyi``) live in ``router/_native/``, where Cython looks for a
+module's ``.pxd`` (by package path) and where other extensions can ``cimport`` them. The
+protobuf and gRPC modules are generated from ``protos/plexus/v1`` into ``router._generated``
+(never committed).
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy
 from Cython.Build import cythonize
@@ -65,27 +69,40 @@ class BuildPyWithProtos(build_py):
         super().run()
 
 
+NATIVE_PACKAGE = ROOT / "router" / "_native"
+
+
+def native_extension(name: str, **kwargs: Any) -> Extension:
+    """``native/<name>.pyx`` built as ``router._native.<name>``, declared by its ``.pxd``."""
+    source = ROOT / "native" / f"{name}.pyx"
+    declarations = NATIVE_PACKAGE / f"{name}.pxd"
+    generated = source.with_suffix(".c")
+    # cythonize tracks a .pxd only beside its .pyx, so it would keep C generated before the
+    # declarations changed; drop such C to have it generated again.
+    if generated.exists() and declarations.stat().st_mtime > generated.stat().st_mtime:
+        generated.unlink()
+    return Extension(
+        f"router._native.{name}",
+        [str(source.relative_to(ROOT))],
+        depends=[str(declarations.relative_to(ROOT))],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=["-O3"],
+        **kwargs,
+    )
+
+
 extensions = [
-    Extension(
-        "router._native.featurizer",
-        ["native/featurizer.pyx"],
-        include_dirs=[numpy.get_include()],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=["-O3"],
-    ),
-    Extension(
-        "router._native.linear_head",
-        ["native/linear_head.pyx"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=["-O3"],
-    ),
+    native_extension("featurizer", include_dirs=[numpy.get_include()]),
+    native_extension("linear_head"),
 ]
 
 setup(
     ext_modules=cythonize(
         extensions,
+        include_path=[str(ROOT)],
         language_level="3",
         compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
     ),
+    package_data={"router._native": ["*.pxd", "*.pyi"]},
     cmdclass={"build_py": BuildPyWithProtos},
 )

@@ -129,3 +129,36 @@ def server(trained_config: LoadedConfig) -> Iterator[RunningServer]:
 def channel(server: RunningServer) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(server.address) as ch:
         yield ch
+
+
+# Accelerated modules run their behaviour tests twice: natively and on the pure-Python
+# reference. A test module names its extension in NATIVE_MODULE; the native run skips, saying
+# why, when that extension is not built or PLEXUS_NO_EXTENSIONS disables extensions.
+
+
+def _skip_unless_native(request: pytest.FixtureRequest) -> None:
+    import importlib
+
+    from router._native import NO_EXTENSIONS
+
+    name = request.module.NATIVE_MODULE
+    if NO_EXTENSIONS:
+        pytest.skip(f"{name}: extensions are disabled (PLEXUS_NO_EXTENSIONS is set)")
+    try:
+        importlib.import_module(name)
+    except ImportError as exc:
+        pytest.skip(f"{name} is not built ({exc})")
+
+
+@pytest.fixture(scope="module", params=["native", "reference"])
+def implementation(request: pytest.FixtureRequest) -> str:
+    """``"native"`` or ``"reference"``: the implementation of NATIVE_MODULE under test."""
+    if request.param == "native":
+        _skip_unless_native(request)
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def native_available(request: pytest.FixtureRequest) -> None:
+    """Skips a test that compares NATIVE_MODULE with its reference when it cannot run."""
+    _skip_unless_native(request)

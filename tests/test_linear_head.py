@@ -1,6 +1,13 @@
-"""The native linear head, its numpy reference and onnxruntime agree on the same model file."""
+"""The linear head, natively and in numpy, agrees with onnxruntime on the same model file.
+
+Behaviour tests run once per implementation (the ``implementation`` fixture), each checked
+against onnxruntime running the file's graph; the property test that the native kernel equals
+the numpy reference skips when the extension is not built.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -8,11 +15,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from router.routing.featurizer import USING_NATIVE, FeaturizerParams
+from router._native import NO_EXTENSIONS
+from router.routing import model
+from router.routing.featurizer import FeaturizerParams
 from router.routing.linear_head_ref import linear_head_probs as reference_probs
 from router.routing.model import Classifier, ModelCard, build_linear_onnx
 
-pytestmark = pytest.mark.skipif(not USING_NATIVE, reason="the native extensions are not built")
+NATIVE_MODULE = "router._native.linear_head"
+
+HeadProbs = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]
+
+
+@pytest.fixture(scope="module")
+def head_probs(implementation: str) -> HeadProbs:
+    """``linear_head_probs`` of the implementation under test."""
+    if implementation == "native":
+        from router._native.linear_head import linear_head_probs
+
+        return linear_head_probs
+    return reference_probs
 
 
 def make_model(buckets_log2: int, classes: int, seed: int, sparsity: float) -> bytes:
@@ -34,7 +55,18 @@ def make_model(buckets_log2: int, classes: int, seed: int, sparsity: float) -> b
     return build_linear_onnx(weights, rng.normal(size=classes).astype(np.float32), card)
 
 
-@settings(max_examples=60, deadline=None)
+def padded_ids(pad: int, max_side: int = 300) -> st.SearchStrategy[np.ndarray]:
+    return hnp.arrays(
+        np.int64,
+        hnp.array_shapes(min_dims=2, max_dims=2, min_side=0, max_side=max_side),
+        elements=st.integers(0, pad),
+    )
+
+
+# -- behaviour, once per implementation ---------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
 @given(
     buckets_log2=st.integers(1, 12),
     classes=st.integers(2, 40),
@@ -42,37 +74,46 @@ def make_model(buckets_log2: int, classes: int, seed: int, sparsity: float) -> b
     sparsity=st.floats(0.0, 1.0),
     data=st.data(),
 )
-def test_native_reference_and_onnxruntime_agree(buckets_log2, classes, seed, sparsity, data):
+def test_agrees_with_onnxruntime(
+    head_probs: HeadProbs, buckets_log2: int, classes: int, seed: int, sparsity: float, data
+):
     model_bytes = make_model(buckets_log2, classes, seed, sparsity)
-    native = Classifier(model_bytes, "n")
+    served = Classifier(model_bytes, "n")
     onnxruntime = Classifier(model_bytes, "o", native_head=False)
-    assert native.native_head is not None and onnxruntime.native_head is None
-    pad = native.featurizer.pad_id
-    ids = data.draw(
-        hnp.arrays(
-            np.int64,
-            hnp.array_shapes(min_dims=2, max_dims=2, max_side=300),
-            elements=st.integers(0, pad),
-        )
-    )
+    assert served.native_head is not None and onnxruntime.native_head is None
+    head = served.native_head
+    ids = data.draw(padded_ids(head.pad_id))
     expected, _ = onnxruntime.predict(ids)
-    got, _ = native.predict(ids)
-    head = native.native_head
-    ref = reference_probs(ids, head.remap, head.weights, head.bias, head.pad_id)
-    # all three accumulate in float32, in different orders
-    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-5)
+    got = head_probs(ids, head.remap, head.weights, head.bias, head.pad_id)
+    assert got.dtype == np.float32 and got.shape == (ids.shape[0], classes)
+    # both accumulate in float32, in different orders
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-5)
+    served_probs, _ = served.predict(ids)
+    np.testing.assert_allclose(served_probs, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_rows_of_padding_only_give_the_softmax_of_the_bias(head_probs: HeadProbs):
+    bias = np.array([0.5, -1.0, 2.0], dtype=np.float32)
+    weights = np.ones((5, 3), dtype=np.float32)
+    remap = np.array([1, 2, 3, 4, 0], dtype=np.int64)  # the pad id maps to row 0
+    weights[0] = 0.0
+    expected = np.exp(bias - bias.max()) / np.exp(bias - bias.max()).sum()
+    for ids in (np.full((2, 4), 4, dtype=np.int64), np.zeros((3, 0), dtype=np.int64)):
+        probs = head_probs(ids, remap, weights, bias, 4)
+        np.testing.assert_allclose(probs, np.broadcast_to(expected, probs.shape), rtol=1e-6)
+    assert head_probs(np.zeros((0, 7), dtype=np.int64), remap, weights, bias, 4).shape == (0, 3)
 
 
 @pytest.mark.parametrize("bad", [-1, 2**12 + 1, 2**40])
-def test_ids_outside_the_buckets_are_refused(bad):
+def test_ids_outside_the_buckets_are_refused(head_probs: HeadProbs, bad: int):
     classifier = Classifier(make_model(12, 3, 0, 0.5), "n")
     ids = np.array([[1, 2, bad]], dtype=np.int64)
     head = classifier.native_head
+    assert head is not None
+    with pytest.raises(ValueError, match="outside"):
+        head_probs(ids, head.remap, head.weights, head.bias, head.pad_id)
     with pytest.raises(ValueError, match="outside"):
         classifier.predict(ids)
-    with pytest.raises(ValueError, match="outside"):
-        reference_probs(ids, head.remap, head.weights, head.bias, head.pad_id)
 
 
 def test_accurate_and_foreign_graphs_run_in_onnxruntime():
@@ -88,3 +129,43 @@ def test_accurate_and_foreign_graphs_run_in_onnxruntime():
         featurizer_params=FeaturizerParams(buckets_log2=10),
     )
     assert Classifier(trained.model_bytes, "a").native_head is None
+
+
+def test_the_served_head_follows_the_switch():
+    if NO_EXTENSIONS:
+        assert model._linear_head_probs is reference_probs
+        return
+    try:
+        from router._native.linear_head import linear_head_probs
+    except ImportError:
+        assert model._linear_head_probs is reference_probs
+    else:
+        assert model._linear_head_probs is linear_head_probs
+
+
+# -- the native kernel is the reference, to float32 rounding ------------------------------------
+
+
+@pytest.mark.usefixtures("native_available")
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.integers(1, 64),
+    classes=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_native_matches_reference(rows: int, classes: int, seed: int, data):
+    from router._native.linear_head import linear_head_probs as native_probs
+
+    rng = np.random.default_rng(seed)
+    pad = data.draw(st.integers(1, 4096))
+    remap = rng.integers(0, rows, size=pad + 1).astype(np.int64)
+    weights = rng.normal(scale=3.0, size=(rows, classes)).astype(np.float32)
+    bias = rng.normal(size=classes).astype(np.float32)
+    ids = data.draw(padded_ids(pad, max_side=200))
+    np.testing.assert_allclose(
+        native_probs(ids, remap, weights, bias, pad),
+        reference_probs(ids, remap, weights, bias, pad),
+        rtol=1e-3,
+        atol=1e-5,
+    )

@@ -1,3 +1,5 @@
+from collections.abc import Sequence
+
 import numpy as np
 
 class HashedNgrams:
@@ -14,4 +16,7 @@ class HashedNgrams:
         char_ngram_max: int = 5,
         word_bigrams: bool = True,
     ) -> None: ...
+    @property
+    def pad_id(self) -> int: ...
     def featurize_normalized(self, text: str) -> np.ndarray: ...
+    def featurize_batch_normalized(self, texts: Sequence[str]) -> np.ndarray: ...

@@ -8,6 +8,7 @@ an implementation independent of the one the native module links.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 import mmh3
 import numpy as np
@@ -46,7 +47,7 @@ def _hash(text: str, seed: int) -> int:
 
 
 class ReferenceHashedNgrams:
-    """Same constructor and ``featurize_normalized`` as the native ``HashedNgrams``."""
+    """Same constructor, ``pad_id`` and featurize methods as the native ``HashedNgrams``."""
 
     def __init__(
         self,
@@ -69,6 +70,11 @@ class ReferenceHashedNgrams:
         self.char_ngram_max = char_ngram_max
         self.word_bigrams = word_bigrams
 
+    @property
+    def pad_id(self) -> int:
+        """The id that pads batch rows: ``2**buckets_log2``, one past the last bucket."""
+        return 1 << self.buckets_log2
+
     def featurize_normalized(self, text: str) -> np.ndarray:
         mask = (1 << self.buckets_log2) - 1
         seed = self.seed & 0xFFFFFFFF
@@ -87,3 +93,15 @@ class ReferenceHashedNgrams:
                 for i in range(len(padded) - n + 1):
                     ids.append(_hash(padded[i : i + n], char_seed) & mask)
         return np.asarray(ids, dtype=np.int64)
+
+    def featurize_batch_normalized(self, texts: Sequence[str]) -> np.ndarray:
+        """``featurize_normalized`` of each text, one row each, right-padded with ``pad_id``.
+
+        The matrix is as wide as the longest row, and at least one column wide.
+        """
+        rows = [self.featurize_normalized(text) for text in texts]
+        width = max((len(row) for row in rows), default=0) or 1
+        out = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = row
+        return out

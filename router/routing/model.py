@@ -24,13 +24,17 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from router._native import NO_EXTENSIONS
 from router.routing.encoder import inference_session
-from router.routing.featurizer import USING_NATIVE, Featurizer, FeaturizerParams
+from router.routing.featurizer import Featurizer, FeaturizerParams
 
-if USING_NATIVE:
-    from router._native.linear_head import linear_head_probs as _linear_head_probs
-else:
+if NO_EXTENSIONS:
     from router.routing.linear_head_ref import linear_head_probs as _linear_head_probs
+else:
+    try:
+        from router._native.linear_head import linear_head_probs as _linear_head_probs
+    except ImportError:  # pragma: no cover - only when the package was not built
+        from router.routing.linear_head_ref import linear_head_probs as _linear_head_probs
 
 CONTRACT_VERSION = "1"
 REQUIRED_METADATA = (
