@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """A client-supplied value for an error message: repr'd and cut short.
+
+    Names and texts come from callers and may be hostile (a 1 MB app name): an error never
+    echoes more than ``limit`` characters of one.
+    """
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 class PlexusError(Exception):
     """Base class: ``status`` is the gRPC status name the error maps to."""
 

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from typing import Any
 Progress = Callable[[str], None]
 """Where an offline job (training, ingestion) reports what it is doing, one line at a time."""
 
-VERSION_PATTERN = re.compile(r"v(\d{4,})")
+VERSION_PATTERN = re.compile(r"v(\d{4,9})")
+"""``v0001`` ... ``v999999999``: never a name too long for the file system."""
 
 
 def fsync_dir(directory: Path) -> None:
@@ -29,9 +31,32 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+STALE_TEMPORARY_SECONDS = 600.0
+"""A temporary file this old belongs to a write that was killed (writes take seconds)."""
+
+
+def sweep_stale_temporaries(directory: Path) -> list[Path]:
+    """Remove ``atomic_write``'s temporary files left in ``directory`` by killed writers."""
+    removed = []
+    cutoff = time.time() - STALE_TEMPORARY_SECONDS
+    for leftover in directory.glob(".*.tmp"):
+        try:
+            if leftover.is_file() and leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
+                removed.append(leftover)
+        except OSError:  # another process swept it first, or it is not ours to remove
+            continue
+    return removed
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync it, rename it into place."""
+    """Write to a temporary file beside ``path``, fsync it, rename it into place.
+
+    A writer killed mid-write leaves its temporary file behind; the next write into the same
+    folder removes such leftovers once they are stale.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temporaries(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -452,3 +452,42 @@ def test_cuda_search_matches_the_cpu(data_dir: Path) -> None:
     )
     assert gpu.device == "cuda"
     np.testing.assert_array_equal(cpu.search(vectors[:20], 5)[1], gpu.search(vectors[:20], 5)[1])
+
+
+def test_a_linked_version_folder_or_file_is_never_served(tmp_path: Path) -> None:
+    loaded = make_config(
+        tmp_path, retail={"docs": {"index": "flat"}}, wholesale={"docs": {"index": "flat"}}
+    )
+    data_dir = loaded.data_dir
+    config = CollectionConfig(index="flat")
+    vectors = clustered(20, seed=3)
+    write(data_dir, "retail", "docs", config, [f"retail {i}" for i in range(20)], vectors)
+    write(data_dir, "wholesale", "docs", config, [f"secret {i}" for i in range(20)], vectors)
+    retail_dir = data_dir / "retail" / "collections" / "docs"
+    wholesale_version = data_dir / "wholesale" / "collections" / "docs" / "v0001"
+    retail = TenantCollections.from_config(loaded, "retail")
+    assert retail.get("docs").version == "v0001"
+
+    # A version folder that is a link to the other tenant's, made live through CURRENT.
+    os.symlink(wholesale_version, retail_dir / "v0002")
+    (retail_dir / CURRENT_FILE).write_text("v0002\n")
+    with pytest.raises(NotFound):
+        retail.reload("docs")
+    for hit in retail.get("docs").search_hits(vectors[0], 20):  # still the old, own version
+        assert hit.chunk.text.startswith("retail ")
+    with pytest.raises(NotFound):
+        Collection.load(data_dir, "retail", "docs", config)
+
+    # A real version folder whose chunk store is a link to the other tenant's.
+    (retail_dir / "v0002").unlink()
+    (retail_dir / "v0002").mkdir()
+    for part in (wholesale_version).iterdir():
+        target = retail_dir / "v0002" / part.name
+        if part.name.startswith("chunks"):
+            os.symlink(part, target)
+        else:
+            target.write_bytes(part.read_bytes())
+    with pytest.raises(NotFound):
+        retail.reload("docs")
+    for hit in retail.get("docs").search_hits(vectors[0], 20):
+        assert hit.chunk.text.startswith("retail ")

@@ -110,6 +110,14 @@ def test_packets_are_signed_and_checked():
     old = signer.sign(ContextPacket(**{**make_packet().__dict__, "created_unix": 0.0}))
     with pytest.raises(InvalidArgument, match="expired"):
         signer.verify(old, "retail")
+    for created in [time.time() + 3600, float("nan"), float("inf"), float("-inf")]:
+        forged = signer.sign(ContextPacket(**{**make_packet().__dict__, "created_unix": created}))
+        with pytest.raises(InvalidArgument, match="impossible creation time|expired"):
+            signer.verify(forged, "retail")
+    skewed = signer.sign(
+        ContextPacket(**{**make_packet().__dict__, "created_unix": time.time() + 5})
+    )
+    assert signer.verify(skewed, "retail") == skewed  # a replica's clock a little ahead
 
 
 @pytest.fixture()

@@ -138,4 +138,4 @@ def test_prep_checks(tmp_path) -> None:
         prep.check(state("store_ops", "x" * 501))
     ok = state("store_ops", "  hours of store 1432 ")
     prep.check(ok)
-    assert ok.text == "hours of store 1432" and ok.extracted == {}
+    assert ok.text == "hours of store 1432" and ok.extracted == {"store_id": "1432"}

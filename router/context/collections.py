@@ -38,7 +38,7 @@ import numpy as np
 
 from router.config import NAME_PATTERN, CollectionConfig, LoadedConfig
 from router.context.types import ChunkRecord, SearchHit, StoredChunk
-from router.errors import FailedPrecondition, InvalidArgument, NotFound
+from router.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 from router.files import atomic_write, fsync_dir, next_version, sorted_versions, version_number
 
 log = logging.getLogger(__name__)
@@ -76,18 +76,12 @@ CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 # names and paths
 
 
-def _shown(name: object) -> str:
-    """A name for an error message: repr'd and cut short (names may be hostile)."""
-    text = repr(name)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _is_name(value: object) -> bool:
     return isinstance(value, str) and _NAME.fullmatch(value) is not None
 
 
 def _no_collection(tenant: object, name: object) -> NotFound:
-    return NotFound(f"tenant {_shown(tenant)} has no collection {_shown(name)}")
+    return NotFound(f"tenant {shown(tenant)} has no collection {shown(name)}")
 
 
 def check_names(tenant: object, name: object, configured: Mapping[str, object] | None) -> None:
@@ -101,7 +95,7 @@ def check_names(tenant: object, name: object, configured: Mapping[str, object] |
 def collections_root(data_dir: Path, tenant: str) -> Path:
     """``DATA_DIR/<tenant>/collections`` (the tenant name must already be checked)."""
     if not _is_name(tenant):
-        raise NotFound(f"no tenant {_shown(tenant)}")
+        raise NotFound(f"no tenant {shown(tenant)}")
     return Path(data_dir) / tenant / "collections"
 
 
@@ -140,14 +134,29 @@ def _versions(directory: Path) -> list[str]:
     return sorted_versions(p.name for p in directory.iterdir() if p.is_dir())
 
 
+def confined(directory: Path, *parts: str) -> Path:
+    """``directory/parts...``, refused (NotFound) when a link would lead it out of ``directory``.
+
+    ``directory`` is already resolved; every file Plexus opens inside a collection (its
+    ``CURRENT`` pointer, a version folder, the index, the chunk store, the metadata) goes
+    through here, so a version folder or file linked to another tenant's data is never served.
+    """
+    path = directory.joinpath(*parts)
+    resolved = path.resolve()
+    if resolved != path or not resolved.is_relative_to(directory):
+        log.warning("refusing %s: it leads outside %s", path, directory)
+        raise NotFound(f"{shown('/'.join(parts))} is not part of this collection")
+    return path
+
+
 def _current_version(directory: Path) -> str | None:
     """The version ``CURRENT`` names, if it names a published version directory."""
-    pointer = directory / CURRENT_FILE
+    pointer = confined(directory, CURRENT_FILE)
     try:
         name = pointer.read_text(encoding="utf-8").strip()
     except (FileNotFoundError, NotADirectoryError):
         return None
-    if version_number(name) is None or not (directory / name / META_FILE).is_file():
+    if version_number(name) is None or not confined(directory, name, META_FILE).is_file():
         log.warning("%s names %r, which is not a complete version", pointer, name)
         return None
     return name
@@ -159,7 +168,8 @@ def _fsync_file(path: Path) -> None:
 
 
 def read_meta(directory: Path, version: str) -> dict[str, Any]:
-    return dict(json.loads((directory / version / META_FILE).read_text(encoding="utf-8")))
+    meta = confined(directory, version, META_FILE)
+    return dict(json.loads(meta.read_text(encoding="utf-8")))
 
 
 def current_meta(
@@ -642,7 +652,7 @@ class Collection:
         version = _current_version(directory)
         if version is None:
             raise NotFound(
-                f"collection {_shown(name)} of tenant {_shown(tenant)} has not been ingested "
+                f"collection {shown(name)} of tenant {shown(tenant)} has not been ingested "
                 f"yet; run `plexus ingest CONFIG --tenant {tenant} --collection {name} PATH`"
             )
         return cls.load_version(directory, tenant, name, version, config, device)
@@ -659,13 +669,13 @@ class Collection:
     ) -> Collection:
         """One published version from a checked collection directory."""
         if version_number(version) is None:
-            raise NotFound(f"{_shown(version)} is not a collection version (v0001, v0002, ...)")
-        path = directory / version
+            raise NotFound(f"{shown(version)} is not a collection version (v0001, v0002, ...)")
+        confined(directory, version)  # the version folder itself must not be a link
         meta = read_meta(directory, version)
         kind = str(meta["index"])
-        index = faiss.read_index(str(path / INDEX_FILE))
+        index = faiss.read_index(str(confined(directory, version, INDEX_FILE)))
         _set_search_params(index, kind, config)
-        uri = f"{(path / CHUNKS_FILE).as_uri()}?mode=ro&immutable=1"
+        uri = f"{confined(directory, version, CHUNKS_FILE).as_uri()}?mode=ro&immutable=1"
         connection = sqlite3.connect(uri, uri=True, check_same_thread=False)
         try:
             count = int(connection.execute("SELECT COUNT(*) FROM chunks").fetchone()[0])
@@ -675,7 +685,8 @@ class Collection:
         if count != index.ntotal:
             connection.close()
             raise FailedPrecondition(
-                f"{path}: the index holds {index.ntotal} vectors but the store {count} chunks"
+                f"collection {shown(name)} {version}: the index holds {index.ntotal} vectors but "
+                f"the store {count} chunks (re-ingest it)"
             )
         resources = None
         used_device = "cpu"
@@ -819,7 +830,7 @@ class TenantCollections:
         device: str = "cpu",
     ) -> None:
         if not _is_name(tenant):
-            raise NotFound(f"no tenant {_shown(tenant)}")
+            raise NotFound(f"no tenant {shown(tenant)}")
         self.data_dir = Path(data_dir)
         self.tenant = tenant
         self.device = device
@@ -839,7 +850,7 @@ class TenantCollections:
     def from_config(cls, loaded: LoadedConfig, tenant: str) -> TenantCollections:
         tenant_config = loaded.config.tenants.get(tenant) if _is_name(tenant) else None
         if tenant_config is None:
-            raise NotFound(f"no tenant {_shown(tenant)}")
+            raise NotFound(f"no tenant {shown(tenant)}")
         return cls(
             loaded.data_dir, tenant, tenant_config.collections, device=loaded.config.server.device
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 import time
@@ -56,6 +57,10 @@ class ContextPacket:
         return json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+CLOCK_SKEW_SECONDS = 60.0
+"""How far in the future a packet's creation time may be (replicas' clocks differ a little)."""
+
+
 class PacketSigner:
     def __init__(self, key: bytes | None = None, ttl_seconds: float = 3600.0):
         env = os.environ.get("PLEXUS_PACKET_KEY", "")
@@ -74,6 +79,9 @@ class PacketSigner:
             raise InvalidArgument("context packet signature does not match (altered or foreign)")
         if packet.tenant != tenant:
             raise PermissionDenied("context packet belongs to another tenant")
-        if time.time() - packet.created_unix > self.ttl_seconds:
+        age = time.time() - packet.created_unix
+        if not math.isfinite(age) or age < -CLOCK_SKEW_SECONDS:
+            raise InvalidArgument("context packet has an impossible creation time")
+        if age > self.ttl_seconds:
             raise InvalidArgument("context packet has expired")
         return packet

@@ -7,6 +7,7 @@ from the configuration; request values are only ever bound as parameters, never 
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -18,6 +19,8 @@ from router.config import LoadedConfig, SqlMirrorConfig
 from router.errors import FailedPrecondition, InvalidArgument
 
 SQLITE_PREFIX = "sqlite:///"
+
+log = logging.getLogger("plexus.context")
 
 
 class SqlMirror:
@@ -37,7 +40,10 @@ class SqlMirror:
     def _sqlite(self) -> sqlite3.Connection:
         if self._connection is None:
             if not self.path or not self.path.is_file():
-                raise FailedPrecondition(f"SQL mirror {self.name!r}: no database at {self.path}")
+                log.error("SQL mirror %s: no database at %s", self.name, self.path)
+                raise FailedPrecondition(
+                    f"SQL mirror {self.name!r} has no database yet (the server log names the file)"
+                )
             self._connection = sqlite3.connect(
                 f"file:{self.path}?mode=ro",
                 uri=True,

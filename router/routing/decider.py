@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ import numpy as np
 from router.calls import Alternative, Caller, RouteDecision
 from router.config import LoadedConfig, TenantConfig
 from router.errors import FailedPrecondition, NotFound, PermissionDenied
+from router.files import version_number
 from router.routing.encoder import SERVING_ENCODER_NAME, Encoder
 from router.routing.examples import Examples
 from router.routing.metrics import abstains, evaluate, predict_texts
@@ -26,6 +28,9 @@ from router.routing.model import Classifier, ModelContractError, read_card
 from router.routing.registry import ModelRegistry, RegistryError
 
 log = logging.getLogger("plexus.routing")
+
+HISTORY = 16
+"""How many previously served models a tenant keeps for rollback."""
 
 EncoderSource = Callable[[], Encoder]
 """Where a model that uses the encoder gets it: the process's serving encoder for the device."""
@@ -136,19 +141,60 @@ class TenantDecider:
         self.fallback_target = fallback.target
         self.fallback_metadata = dict(fallback.metadata)
         self._swap_lock = threading.Lock()
-        version = registry.resolve(config.model.version)
-        self.active: ServingModel = self._load(version)
-        self.previous: ServingModel | None = None
+        self.active: ServingModel = self._load_at_start(config.model.version)
+        self.history: deque[ServingModel] = deque(maxlen=HISTORY)
+        """Models served before the active one, newest last: rollback walks back through them."""
+        self.nonfinite = 0
+        """Decisions whose model output was NaN or infinite (each abstained)."""
 
     @property
     def uses_encoder(self) -> bool:
         """Whether a decision needs the text's sentence embedding (encoded off the loop)."""
         return self.active.uses_encoder
 
+    def _load_at_start(self, wanted: str) -> ServingModel:
+        """The configured version; when none is pinned and the newest is broken, the newest
+        that loads (loudly: an operator must see that the newest model is not served)."""
+        version = self.registry.resolve(wanted)
+        implicit = wanted == "latest" or (wanted == "active" and not self.registry.pinned())
+        newest = version_number(version) or 0
+        versions = reversed(self.registry.versions())
+        candidates = [v for v in versions if (version_number(v) or 0) <= newest]
+        if not implicit:
+            candidates = [version]
+        for i, candidate in enumerate(candidates):
+            try:
+                model = self._load(candidate)
+            except ModelContractError as exc:
+                if i == len(candidates) - 1:
+                    raise
+                log.error(
+                    "tenant %s: model %s cannot be served (%s); trying the next older version",
+                    self.name,
+                    candidate,
+                    exc,
+                )
+                continue
+            if i:
+                log.error(
+                    "tenant %s: SERVING %s, NOT the newest model %s, which is broken",
+                    self.name,
+                    candidate,
+                    version,
+                )
+            return model
+        raise AssertionError("unreachable: the last candidate raises")
+
     def _load(self, version: str) -> ServingModel:
         path = self.registry.path(version)
-        classifier = Classifier.from_file(path, version)
-        model = ServingModel(classifier, self.config, self.registry.heldout(version), self.encoder)
+        try:
+            classifier = Classifier.from_file(path, version)
+            model = ServingModel(
+                classifier, self.config, self.registry.heldout(version), self.encoder
+            )
+        except ModelContractError as exc:
+            # The reason without the server's file system layout (it reaches Admin callers).
+            raise ModelContractError(str(exc).replace(str(path), f"{version}.onnx")) from None
         # Warm the session (first runs allocate) before it can see a request.
         sample = model.heldout.texts[:8] if model.heldout else ["warm up"]
         for text in sample:
@@ -176,6 +222,9 @@ class TenantDecider:
 
     def _decision(self, model: ServingModel, app: str, probs: np.ndarray) -> RouteDecision:
         values = probs.tolist()  # a few labels: plain Python beats numpy's per-call cost
+        total = sum(values)
+        if total - total != 0.0:  # NaN or infinite somewhere: never serve such a probability
+            return self._nonfinite(model)
         ranked = heapq.nlargest(self.top_k, model.app_labels[app], key=values.__getitem__)
         best = ranked[0] if ranked else -1
         confidence = values[best] if ranked else None
@@ -202,6 +251,29 @@ class TenantDecider:
             route_metadata=meta,
         )
 
+    def _nonfinite(self, model: ServingModel) -> RouteDecision:
+        self.nonfinite += 1
+        if self.nonfinite == 1 or self.nonfinite % 1000 == 0:
+            log.error(
+                "tenant %s: model %s returned a non-finite probability (%d decisions so far); "
+                "they abstain to %s",
+                self.name,
+                model.version,
+                self.nonfinite,
+                self.fallback_route,
+            )
+        return RouteDecision(
+            route=self.fallback_route,
+            target=self.fallback_target,
+            confidence=0.0,
+            abstained=True,
+            fallback_used=True,
+            alternatives=[],
+            model_version=model.version,
+            threshold=float(model.threshold),
+            route_metadata=self.fallback_metadata,
+        )
+
     # -- hot swap --------------------------------------------------------------------------
 
     def load_version(self, version: str | None, force: bool = False) -> ModelStatus:
@@ -209,24 +281,23 @@ class TenantDecider:
         with self._swap_lock:
             try:
                 resolved = self.registry.resolve(version or "latest")
+            except RegistryError as exc:
+                raise NotFound(str(exc)) from None
+            try:
                 candidate = self._load(resolved)
-            except (RegistryError, ModelContractError) as exc:
-                raise (
-                    NotFound(str(exc))
-                    if isinstance(exc, RegistryError)
-                    else FailedPrecondition(str(exc))
-                ) from None
+            except ModelContractError as exc:
+                raise FailedPrecondition(str(exc)) from None
             current = self.active
-            heldout = candidate.heldout or current.heldout
-            new_acc = candidate.heldout_accuracy(heldout) if heldout else float("nan")
-            old_acc = current.heldout_accuracy(heldout) if heldout else float("nan")
+            new_acc, old_acc = self._accuracies(candidate, current)
             margin = self.config.model.swap_margin
+            heldout = candidate.heldout or current.heldout
             if heldout and new_acc < old_acc - margin and not force:
                 raise FailedPrecondition(
                     f"refused {resolved}: held-out accuracy {new_acc:.4f} is more than {margin} "
                     f"below the active {current.version}'s {old_acc:.4f} (force to load anyway)"
                 )
-            self.previous, self.active = current, candidate
+            self.history.append(current)
+            self.active = candidate
             self.registry.set_active(candidate.version)
             log.info("tenant %s: swapped %s -> %s", self.name, current.version, candidate.version)
             return ModelStatus(
@@ -253,19 +324,34 @@ class TenantDecider:
             )
         return infos
 
+    @staticmethod
+    def _accuracies(new: ServingModel, old: ServingModel) -> tuple[float, float]:
+        """Both models' in-scope accuracy on the new one's held-out set (else the old one's);
+        NaN only when neither has a held-out set."""
+        heldout = new.heldout or old.heldout
+        if not heldout:
+            return float("nan"), float("nan")
+        return new.heldout_accuracy(heldout), old.heldout_accuracy(heldout)
+
     def rollback(self) -> ModelStatus:
+        """Restore the model served before the active one; repeated calls walk further back
+        (up to HISTORY swaps, while the server runs)."""
         with self._swap_lock:
-            if self.previous is None:
+            if not self.history:
                 raise FailedPrecondition(f"tenant {self.name!r} has no previous model to restore")
-            current, restored = self.active, self.previous
-            self.previous, self.active = current, restored
+            current, restored = self.active, self.history.pop()
+            self.active = restored
             self.registry.set_active(restored.version)
             log.info(
                 "tenant %s: rolled back %s -> %s", self.name, current.version, restored.version
             )
-            nan = float("nan")
+            restored_acc, current_acc = self._accuracies(restored, current)
             return ModelStatus(
-                restored.version, current.version, nan, nan, f"restored {restored.version}"
+                restored.version,
+                current.version,
+                restored_acc,
+                current_acc,
+                f"restored {restored.version}",
             )
 
 

@@ -7,12 +7,21 @@ write goes to a temporary file first and is renamed into place.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from router.files import atomic_write, next_version, sorted_versions, version_number
+from router.errors import shown
+from router.files import (
+    atomic_write,
+    next_version,
+    sorted_versions,
+    sweep_stale_temporaries,
+    version_number,
+)
 from router.routing.examples import Examples, read_examples
 
 ACTIVE_FILE = "ACTIVE"
+log = logging.getLogger("plexus.routing")
 
 
 class RegistryError(LookupError):
@@ -25,6 +34,9 @@ class ModelRegistry:
     def __init__(self, root: Path, tenant: str):
         self.tenant = tenant
         self.directory = root / tenant
+        if self.directory.is_dir():
+            for leftover in sweep_stale_temporaries(self.directory):
+                log.info("removed %s, left by an interrupted write", leftover.name)
 
     def versions(self) -> list[str]:
         if not self.directory.is_dir():
@@ -37,11 +49,13 @@ class ModelRegistry:
 
     def path(self, version: str) -> Path:
         if version_number(version) is None:
-            raise RegistryError(f"{version!r} is not a version name (expected v0001, v0002, ...)")
+            raise RegistryError(
+                f"{shown(version)} is not a version name (expected v0001, v0002, ...)"
+            )
         path = self.directory / f"{version}.onnx"
         if not path.is_file():
             raise RegistryError(
-                f"tenant {self.tenant!r} has no model {version!r} in {self.directory} "
+                f"tenant {self.tenant!r} has no model {version!r} "
                 f"(have {self.versions() or 'none'})"
             )
         return path
@@ -59,6 +73,14 @@ class ModelRegistry:
             )
         atomic_write(self.directory / f"{version}.onnx", model_bytes)
         return version
+
+    def pinned(self) -> bool:
+        """Whether ``ACTIVE`` names a version that exists (else ``active`` means the newest)."""
+        pointer = self.directory / ACTIVE_FILE
+        if not pointer.is_file():
+            return False
+        name = pointer.read_text(encoding="utf-8").strip()
+        return version_number(name) is not None and (self.directory / f"{name}.onnx").is_file()
 
     def active(self) -> str | None:
         """The version named by ``ACTIVE``, else the newest."""

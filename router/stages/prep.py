@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import re2
 
 from router.config import ExtractorConfig, LoadedConfig, TenantConfig
-from router.errors import InvalidArgument, NotFound, PermissionDenied
+from router.errors import InvalidArgument, NotFound, PermissionDenied, shown
 from router.pipeline import RequestState
 
 _MONTHS = {
@@ -200,9 +200,9 @@ class Prep:
         tenant = self.tenants[state.caller.tenant]
         query = state.query
         if query.app not in tenant.apps:
-            raise NotFound(f"tenant {state.caller.tenant!r} has no app {query.app!r}")
+            raise NotFound(f"tenant {state.caller.tenant!r} has no app {shown(query.app)}")
         if state.caller.apps is not None and query.app not in state.caller.apps:
-            raise PermissionDenied(f"this API key may not call app {query.app!r}")
+            raise PermissionDenied(f"this API key may not call app {shown(query.app)}")
         if len(query.text) > self.max_text_chars:
             raise InvalidArgument(
                 f"text has {len(query.text)} characters; the limit is {self.max_text_chars}"
