@@ -163,7 +163,7 @@ def test_accurate_family_adds_the_sentence_encoder():
     assert trained.card.encoder["name"] == SERVING_ENCODER_NAME
     assert trained.card.encoder["dim"] == 384
     classifier = Classifier(trained.model_bytes, "acc")
-    assert classifier.needs_embedding
+    assert classifier.uses_encoder
     texts = ["has my parcel shipped", "are you open on sunday"]
     embedding = shared_encoder().encode(texts)
     assert embedding.shape == (2, 384)

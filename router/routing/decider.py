@@ -67,7 +67,7 @@ class ServingModel:
     ):
         self.classifier = classifier
         self.encoder = encoder
-        self.uses_encoder = classifier.needs_embedding
+        self.uses_encoder = classifier.uses_encoder  # the text's embedding is an input
         self.version = classifier.version
         self.heldout = heldout
         labels = classifier.labels

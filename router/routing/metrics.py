@@ -109,7 +109,7 @@ def predict_texts(
     batch: int = 256,
 ) -> np.ndarray:
     """Probabilities for many texts, in batches (offline use: training, evaluation, swaps)."""
-    if classifier.needs_embedding and embeddings is None:
+    if classifier.uses_encoder and embeddings is None:
         embeddings = bulk_encoder().encode(texts)
     out = []
     for start in range(0, len(texts), batch):

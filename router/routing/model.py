@@ -280,10 +280,10 @@ class Classifier:
         self._check_signature(source)
         self.featurizer = Featurizer(self.card.featurizer)
         self.labels = self.card.labels
-        self.needs_embedding = self.card.encoder is not None
+        self.uses_encoder = self.card.encoder is not None
         self._output = ["probs"]
         self.native_head = None
-        if native_head and not self.needs_embedding:
+        if native_head and not self.uses_encoder:
             self.native_head = NativeLinearHead.from_model(onnx.load_from_string(model_bytes))
         self._check_output(source)
 
@@ -291,7 +291,7 @@ class Classifier:
         """One prediction on padding: the output must be one probability per label."""
         ids = np.full((1, 1), self.featurizer.pad_id, dtype=np.int64)
         embedding = None
-        if self.needs_embedding:
+        if self.uses_encoder:
             embedding = np.zeros((1, int(self.card.encoder.get("dim", 0))), dtype=np.float32)
         try:
             probs, _ = self.predict(ids, embedding)
@@ -333,7 +333,7 @@ class Classifier:
         if self.native_head is not None:
             return self.native_head.probs(ids), self.version
         feeds = {"ids": ids}
-        if self.needs_embedding:
+        if self.uses_encoder:
             feeds["embedding"] = embedding
         return self._session.run(self._output, feeds)[0], self.version
 
