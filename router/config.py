@@ -33,6 +33,9 @@ class ServerConfig(_Strict):
     max_batch: int = Field(512, gt=0)
     max_concurrent_rpcs: int | None = Field(None, gt=0)
     grace_seconds: float = Field(5.0, ge=0)
+    drain_delay_seconds: float = Field(
+        1.0, ge=0, le=60, description="on a signal: keep serving this long as NOT_SERVING"
+    )
     model_dir: Path = Path("models")
     data_dir: Path = Field(Path("data"), description="collections live here, per tenant")
     device: Literal["cpu", "cuda"] = "cpu"

@@ -91,5 +91,16 @@ class PlexusServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("signal received: draining for up to %.1f s", self.config.grace_seconds)
+        # Health turns NOT_SERVING at once so balancers stop sending, but the server keeps
+        # taking calls for drain_delay_seconds: grpc's stop() cancels calls that reached the
+        # transport and were not handed to a handler yet, so stopping at once answered calls
+        # sent a millisecond before the signal with CANCELLED.
+        await self.health.enter_graceful_shutdown()
+        delay = self.config.drain_delay_seconds
+        log.info(
+            "signal received: NOT_SERVING; draining in %.1f s, for up to %.1f s",
+            delay,
+            self.config.grace_seconds,
+        )
+        await asyncio.sleep(delay)
         await self.stop()
