@@ -26,6 +26,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TlsConfig(_Strict):
+    """TLS for the gRPC server; with ``client_ca``, mutual TLS (clients must present a
+    certificate signed by it). Paths are relative to the configuration file."""
+
+    cert: Path = Field(description="the server's certificate chain (PEM)")
+    key: Path = Field(description="the server's private key (PEM)")
+    client_ca: Path | None = Field(None, description="CA bundle (PEM) that signs client certs")
+
+
 class ServerConfig(_Strict):
     address: str = "127.0.0.1:50051"
     max_text_chars: int = Field(2000, gt=0, le=1_000_000)
@@ -40,6 +49,7 @@ class ServerConfig(_Strict):
     data_dir: Path = Field(Path("data"), description="collections live here, per tenant")
     device: Literal["cpu", "cuda"] = "cpu"
     top_k: int = Field(3, ge=1, le=50)
+    tls: TlsConfig | None = None
 
     @field_validator("address")
     @classmethod

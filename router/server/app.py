@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import signal
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from router._generated.plexus.v1 import plexus_pb2 as pb
-from router.config import LoadedConfig, ServerConfig
+from router.config import ConfigError, LoadedConfig, ServerConfig
 from router.plexus import Plexus
 from router.server.servicers import AdminServicer, RouterServicer, generic_handlers
 
@@ -36,6 +37,28 @@ def new_server(config: ServerConfig) -> grpc.aio.Server:
     return grpc.aio.server(
         options=server_options(config),
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+    )
+
+
+def server_credentials(loaded: LoadedConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from ``server.tls`` (None: plaintext); unreadable files name their key."""
+    tls = loaded.config.server.tls
+    if tls is None:
+        return None
+
+    def read(key: str, path: Path) -> bytes:
+        try:
+            return loaded.resolve(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                f"{loaded.path}: server.tls.{key}: cannot read {path}: {exc.strerror}"
+            ) from None
+
+    client_ca = read("client_ca", tls.client_ca) if tls.client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read("key", tls.key), read("cert", tls.cert))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
     )
 
 
@@ -65,7 +88,11 @@ class PlexusServer:
 
     async def start(self) -> int:
         await self.plexus.warm()
-        self.port = self.server.add_insecure_port(self.address)
+        credentials = server_credentials(self.loaded)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(self.address)
+        else:
+            self.port = self.server.add_secure_port(self.address, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.address}")
         await self.server.start()
