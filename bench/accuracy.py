@@ -119,7 +119,7 @@ def decision_latency(classifier: Any, texts: list[str]) -> dict[str, Any]:
     from tqdm import tqdm
 
     encoder = None
-    if classifier.needs_embedding:
+    if classifier.uses_encoder:
         encoder = api.shared_encoder()
 
     def once(text: str) -> tuple[int, int, int]:

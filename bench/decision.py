@@ -66,7 +66,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             baseline = api.Classifier(trained.model_bytes, "ort", native_head=False)
             variants.append(("fast (onnxruntime)", baseline))
         for name, classifier in variants:
-            encode = api.shared_encoder().encode if classifier.needs_embedding else None
+            encode = api.shared_encoder().encode if classifier.uses_encoder else None
             count = args.count if family == "fast" else max(args.count // 10, 100)
             say(f"timing {name}: {count} decisions")
             samples[name] = _time(classifier, encode, count)

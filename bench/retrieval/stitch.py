@@ -3,8 +3,9 @@
 The retail demo in a temporary directory (model trained, SQL mirror built, ``policies`` and the
 real product notes ingested); ``products`` then gets ``--stitch-chunks`` synthetic chunks
 written straight through ``CollectionWriter`` (no encoder run: each vector is a real note's
-embedding plus a point of the synthetic mixture). ``PlexusServer(loaded).stitcher.stitch()`` is
-timed one request at a time, whole call and each stage of ``timings_us``.
+embedding plus a point of the synthetic mixture). ``Plexus(loaded).pipeline.stitch()`` (the
+Stitch call in process) is timed one request at a time: the whole call and each entry of
+``timings_us``.
 """
 
 from __future__ import annotations
@@ -133,13 +134,16 @@ def fill_products(loaded: Any, chunks: int, seed: int) -> dict[str, Any]:
     }
 
 
-async def _time_stitch(plexus: Any, caller: Any, store_id: str) -> dict[str, Any]:
-    stitcher = plexus.stitcher
+def _percentiles(stage: str, values: list[int]) -> dict[str, Any]:
+    p50, p99 = np.percentile(np.asarray(values, dtype=np.float64), [50, 99])
+    return {"stage": stage, "calls": len(values), "p50_us": float(p50), "p99_us": float(p99)}
 
+
+async def _time_stitch(plexus: Any, caller: Any, store_id: str) -> dict[str, Any]:
     async def once(i: int) -> Any:
         text = STITCH_QUESTIONS[i % len(STITCH_QUESTIONS)]
         query = api.RouteQuery(app="storefront", text=text, metadata={"store_id": store_id})
-        return await stitcher.stitch(caller, query)
+        return await plexus.pipeline.stitch(caller, query)
 
     for i in range(STITCH_WARMUP):
         await once(i)
@@ -158,7 +162,9 @@ async def _time_stitch(plexus: Any, caller: Any, store_id: str) -> dict[str, Any
             totals[i] = time.perf_counter_ns() - started
             for stage, us in result.timings_us.items():
                 stages.setdefault(stage, []).append(int(us))
-            other.append(totals[i] // 1000 - sum(result.timings_us.values()))
+            # "stage.part" names time inside a stage: the remainder is over the stages alone
+            top = sum(us for stage, us in result.timings_us.items() if "." not in stage)
+            other.append(totals[i] // 1000 - top)
             routes[result.decision.route] += 1
             for placed in result.assembly.placed:
                 pieces[placed.piece.kind] += 1
@@ -166,16 +172,14 @@ async def _time_stitch(plexus: Any, caller: Any, store_id: str) -> dict[str, Any
     finally:
         gc.unfreeze()
     total = percentiles_us(totals)
-    stage_rows = []
-    for stage, values in stages.items():
-        p50, p99 = np.percentile(np.asarray(values, dtype=np.float64), [50, 99])
-        stage_rows.append(
-            {"stage": stage, "calls": len(values), "p50_us": float(p50), "p99_us": float(p99)}
-        )
-    p50, p99 = np.percentile(np.asarray(other, dtype=np.float64), [50, 99])
-    stage_rows.append(
-        {"stage": "other", "calls": len(other), "p50_us": float(p50), "p99_us": float(p99)}
-    )
+    top = [stage for stage in stages if "." not in stage]  # each stage, then its parts
+
+    def place(stage: str) -> tuple[int, bool]:
+        parent = stage.split(".", 1)[0]
+        return (top.index(parent) if parent in top else len(top), "." in stage)
+
+    stage_rows = [_percentiles(stage, stages[stage]) for stage in sorted(stages, key=place)]
+    stage_rows.append(_percentiles("other", other))
     return {
         "requests": STITCH_REQUESTS,
         "warmup": STITCH_WARMUP,
@@ -188,25 +192,25 @@ async def _time_stitch(plexus: Any, caller: Any, store_id: str) -> dict[str, Any
 
 
 async def _serve_in_process(loaded: Any) -> dict[str, Any]:
-    plexus = api.PlexusServer(loaded)  # built as `plexus serve` builds it, never started
+    plexus = api.Plexus(loaded)  # what the server serves, in process
     try:
-        products = plexus.collections["retail"].get("products")
+        await plexus.warm()
+        products = plexus.collections[common.TENANT].get("products")
         collection = {
             "index": products.index_kind,
             "size": products.size,
             "version": products.version,
             "build_seconds": products.meta.get("build_seconds"),
         }
-        caller = api.Caller(tenant="retail", key_name="bench", admin=False, apps=None)
+        caller = plexus.keys.authenticate(common.api_key())
         say(f"[stitch] timing {STITCH_REQUESTS} stitches one at a time ({products!r})")
         timing = await _time_stitch(plexus, caller, "1432")
         timing["products"] = collection
         return timing
     finally:
-        plexus.executor.shutdown(wait=True)
-        plexus.stitcher.close()
-        for name in plexus.collections["retail"].names():
-            plexus.collections["retail"].get(name).close()
+        await plexus.aclose()
+        for name in plexus.collections[common.TENANT].names():
+            plexus.collections[common.TENANT].get(name).close()
 
 
 def run(chunks: int, seed: int) -> dict[str, Any]:
@@ -262,15 +266,16 @@ def markdown(part: dict[str, Any]) -> str:
             "encoder run: each vector is a real product chunk's embedding plus "
             f"{ANCHOR_OFFSET} x a point of the synthetic mixture, normalised; short synthetic "
             f"texts, no tags); index kind `{p['index']}` (built in {p['build_seconds']} s).",
-            f"- Calls: `PlexusServer(loaded).stitcher.stitch(...)` in process (no gRPC), one "
+            f"- Calls: `Plexus(loaded).pipeline.stitch(...)` in process (no gRPC), one "
             f"request at a time after {part['warmup']} warm-up requests, app `storefront`, "
             f"metadata store_id 1432, cycling through {len(part['questions'])} short product "
             "questions. Routes taken: "
             f"{routes}. Pieces placed per request: {pieces} "
             f"({part['synthetic_pieces_per_request']:.2f} of them synthetic).",
-            "- Stages come from `result.timings_us`. `encode` is measured around the "
-            "micro-batcher (executor hand-off included); `other` = whole call − the stages "
-            "(routing decision, executor hand-offs, packet signing).",
+            "- Stages come from `result.timings_us`: each pipeline stage (`prep`, `route`, "
+            "`policy`, `stitch`) and, as `stage.part`, the time inside it (`stitch.encode` is "
+            "measured around the micro-batcher, executor hand-off included; each source; "
+            "`stitch.assemble`); `other` = whole call − the stages.",
             "",
             summary,
             "",
