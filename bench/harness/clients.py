@@ -89,13 +89,15 @@ def _add(into: dict[str, int], counts: Mapping[str, int]) -> None:
         into[key] = into.get(key, 0) + value
 
 
-def combine(runs: Sequence[Run]) -> Run:
-    """The rounds of one target and level as one run (samples joined, times and CPU summed)."""
+def combine(runs: Sequence[Run], parallel: bool = False) -> Run:
+    """Runs as one: samples joined, errors and CPU time summed; the seconds summed (rounds one
+    after another) or, with ``parallel``, the span from the first start to the last end."""
     errors: dict[str, int] = {}
     routes: dict[int, str] = {}
     for run in runs:
         _add(errors, run.errors)
         routes.update(run.routes)
+    start = min(r.start for r in runs)
     names = {name for run in runs for name in run.cpu_s}
     cpu = {
         name: None
@@ -110,8 +112,10 @@ def combine(runs: Sequence[Run]) -> Run:
         ttft=np.concatenate([r.ttft for r in runs]),
         query=np.concatenate([r.query for r in runs]),
         ends=np.concatenate([r.ends for r in runs]),
-        start=min(r.start for r in runs),
-        seconds=sum(r.seconds for r in runs),
+        start=start,
+        seconds=max(r.start / 1e9 + r.seconds for r in runs) - start / 1e9
+        if parallel
+        else sum(r.seconds for r in runs),
         errors=errors,
         examples=[e for r in runs for e in r.examples][:3],
         routes=routes,
@@ -167,7 +171,10 @@ async def drive(
     return state["ok"]
 
 
-async def _client_run(job: Job, conn: Any) -> dict[str, Any]:
+_SAMPLES = ("latency", "ttft", "query", "ends")
+
+
+async def _client_run(job: Job, conn: Any) -> Run:
     loop = asyncio.get_running_loop()
     routes: dict[int, str] = {}
     async with ADAPTERS[job.adapter](job, routes) as streams:
@@ -185,14 +192,16 @@ async def _client_run(job: Job, conn: Any) -> dict[str, Any]:
         else:
             await drive(streams, job, job.requests, None, record, errors, examples)
         ended = time.perf_counter_ns()
-    return {
-        **{name: getattr(record, name).tobytes() for name in ("latency", "ttft", "query", "ends")},
-        "start": started,
-        "end": ended,
-        "errors": errors,
-        "examples": examples,
-        "routes": routes,
-    }
+    return Run(
+        target=job.adapter,
+        concurrency=job.concurrency,
+        **{name: np.asarray(getattr(record, name), dtype=np.int64) for name in _SAMPLES},
+        start=started,
+        seconds=(ended - started) / 1e9,
+        errors=errors,
+        examples=examples,
+        routes=routes,
+    )
 
 
 def client_worker(conn: Any) -> None:
@@ -299,32 +308,10 @@ class ClientPool:
             raise RuntimeError(f"every warm-up call to {target} failed: {warm_errors}")
         if warm_errors:
             say(f"warning: {target} warm-up errors {warm_errors}")
-        errors: dict[str, int] = {}
-        for result in results:
-            _add(errors, result["errors"])
-            routes.update(result["routes"])
-
-        def joined(key: str, code: str) -> np.ndarray:
-            values = array(code)
-            for result in results:
-                values.frombytes(result[key])
-            return np.asarray(values, dtype=np.int64)
-
-        start = min(r["start"] for r in results)
-        return Run(
-            target=target,
-            concurrency=concurrency,
-            latency=joined("latency", "q"),
-            ttft=joined("ttft", "q"),
-            query=joined("query", "h"),
-            ends=joined("ends", "q"),
-            start=start,
-            seconds=(max(r["end"] for r in results) - start) / 1e9,
-            errors=errors,
-            examples=[e for r in results for e in r["examples"]][:3],
-            routes=routes,
-            cpu_s=cpu,
-        )
+        run = combine(results, parallel=True)
+        run.target, run.concurrency, run.cpu_s = target, concurrency, cpu
+        run.routes = {**routes, **run.routes}
+        return run
 
     def close(self) -> None:
         for _, conn in self.workers:
