@@ -426,10 +426,30 @@ def _walk(root: Path) -> list[Path]:
     return sorted(found, key=lambda path: path.relative_to(root).parts)
 
 
-def read_documents(paths: Sequence[Path]) -> tuple[list[Document], dict[str, str]]:
+def source_id(path: Path, root: Path, base: Path | None) -> str:
+    """The source id of the file ``path``, found under the given path ``root``.
+
+    With a ``base`` folder (ingestion passes the configuration file's folder): the file's path
+    relative to ``base`` when the file is inside it, else its absolute path; symbolic links
+    and ``..`` are resolved first. So one file has one id whatever the working directory and
+    whether it was named by itself or through a folder, and re-ingesting it skips it when it
+    is unchanged. Without ``base``: the path relative to ``root``'s parent.
+    """
+    if base is None:
+        return path.relative_to(root.parent).as_posix()
+    resolved = path.resolve()
+    try:
+        return resolved.relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return resolved.as_posix()
+
+
+def read_documents(
+    paths: Sequence[Path], base: Path | None = None
+) -> tuple[list[Document], dict[str, str]]:
     """The documents in ``paths`` (files, or folders walked recursively) and the files skipped
-    (name -> reason). A source id is the file's path relative to the given path's parent, plus
-    ``#id`` (or ``#line`` / ``#row``) for JSON Lines and CSV records."""
+    (name -> reason). A source id is ``source_id(file, given path, base)``, plus ``#id`` (or
+    ``#line`` / ``#row``) for JSON Lines and CSV records."""
     documents: list[Document] = []
     skipped: dict[str, str] = {}
     seen: set[str] = set()
@@ -443,7 +463,7 @@ def read_documents(paths: Sequence[Path]) -> tuple[list[Document], dict[str, str
             skipped[str(given)] = "no such file or directory"
             continue
         for path in files:
-            name = path.relative_to(root.parent).as_posix()
+            name = source_id(path, root, base)
             reader = READERS.get(path.suffix.lower())
             if reader is None:
                 skipped[name] = (
@@ -613,15 +633,16 @@ def ingest(
     """Add or replace the documents in ``paths`` and delete the sources in ``delete``, as one
     new version of ``tenant``'s ``collection``.
 
-    A source whose cleaned text, title, tags and chunking settings are unchanged is left as it
-    is. Unreadable files are reported in ``skipped_files`` and the rest is ingested. Any error
+    A source (its id: ``source_id``, relative to the configuration file's folder) whose
+    cleaned text, title, tags and chunking settings are unchanged is left as it is. Unreadable
+    files are reported in ``skipped_files`` and the rest is ingested. Any error
     leaves the previous version live. Nothing changed means no new version.
     """
     config = tenant_collection_config(loaded, tenant, collection)
     configured = loaded.config.tenants[tenant].collections
     say: Progress = progress or (lambda message: None)
     given_tags = _merge_tags([t for t in (clean_line(t) for t in tags) if t])
-    documents, skipped = read_documents(paths)
+    documents, skipped = read_documents(paths, base=loaded.base_dir)
     report = IngestReport(collection=collection, skipped_files=skipped)
     say(f"read {len(documents)} documents ({len(skipped)} files skipped)")
     if config.chunk_tokens + 2 > MAX_TOKENS:

@@ -19,6 +19,10 @@ class TenantTrainingResult:
     version: str
     path: Path
     trained: TrainedModel
+    active: str
+    """The version ``ACTIVE`` names after training (else the newest): what a server configured
+    with ``model.version: active`` serves when it starts. Training never moves ``ACTIVE``
+    unless asked to (``activate``), so after a load or a rollback it may stay older."""
 
 
 def tenant_examples(loaded: LoadedConfig, tenant: str, data: Path | None = None) -> Examples:
@@ -53,11 +57,23 @@ def train_tenant(
     family: str | None = None,
     seed: int | None = None,
     progress: Progress | None = None,
+    activate: bool = False,
 ) -> TenantTrainingResult:
+    """Train ``tenant``'s model and store it as the next version; ``activate`` also points
+    ``ACTIVE`` at it. Stages are reported through ``progress``: reading examples, featurizing,
+    fitting, calibrating, exporting."""
+    say = progress or (lambda _message: None)
     config = loaded.tenant(tenant)
     model_config = config.model
     use_seed = model_config.seed if seed is None else seed
+    data_path = data or (loaded.resolve(config.model.data) if config.model.data else None)
+    say(
+        f"reading examples: the routes of tenant {tenant!r}"
+        + (f" and {data_path}" if data_path is not None else "")
+    )
     examples = tenant_examples(loaded, tenant, data)
+    labels = sorted(set(examples.labels))
+    say(f"read {len(examples)} examples of {len(labels)} labels")
     trained = train_model(
         examples,
         family=family or model_config.family,
@@ -70,5 +86,12 @@ def train_tenant(
         progress=progress,
     )
     registry = ModelRegistry(loaded.model_dir, tenant)
+    say(
+        f"exporting the ONNX model ({len(trained.model_bytes) / 1024:.0f} KiB) and its "
+        f"held-out set to {registry.directory}"
+    )
     version = registry.add(trained.model_bytes, trained.heldout)
-    return TenantTrainingResult(tenant, version, registry.path(version), trained)
+    if activate:
+        registry.set_active(version)
+    active = registry.active() or version
+    return TenantTrainingResult(tenant, version, registry.path(version), trained, active)
