@@ -67,8 +67,7 @@ STATUS_ADVICE = {
     "INVALID_ARGUMENT": "fix the request",
     "OUT_OF_RANGE": "fix the request",
     "RESOURCE_EXHAUSTED": "send less (see server.max_message_bytes and server.max_batch)",
-    "FAILED_PRECONDITION": "see the reason (`models load --force` loads a model despite the "
-    "held-out check)",
+    "FAILED_PRECONDITION": "the server cannot do this in its current state (see the reason)",
     "CANCELLED": "the server may be shutting down; retry",
 }
 
@@ -172,6 +171,13 @@ def _client_error_message(exc: Any, args: argparse.Namespace) -> str:
         )
     message = one_line(exc.message) or "(no message)"
     advice = STATUS_ADVICE.get(exc.code, "this is a bug: run with -v and report the detail")
+    func = getattr(args, "func", None)
+    if exc.code == "FAILED_PRECONDITION" and func is cmd_models_load:
+        advice = "pass --force to load it anyway"
+    elif exc.code == "FAILED_PRECONDITION" and func is cmd_models_rollback:
+        advice = (
+            "load a version instead: plexus models load --remote HOST:PORT --api-key KEY VERSION"
+        )
     return f"{exc.code} from {address}: {message}; {advice}"
 
 
