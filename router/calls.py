@@ -7,6 +7,7 @@ These are the domain types every stage of the pipeline shares; protobuf never re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class RouteDecision:
     """Fields the prep stage lifted out of the text (see ``router/stages/prep.py``)."""
     timings_us: dict[str, int] = field(default_factory=dict)
     """Per-stage server time of the request so far, filled by the pipeline."""
+    findings: list[Any] = field(default_factory=list)
+    """What the guards noticed (``router.pipeline.Finding``: types and spans, never values)."""
 
     @property
     def server_us(self) -> int:

@@ -272,6 +272,139 @@ class ModelConfig(_Strict):
         return value
 
 
+PiiAction = Literal["redact", "mask", "allow", "block"]
+OutputAction = Literal["block", "redact", "replace", "flag"]
+
+
+def _re2_pattern(pattern: str, where: str = "pattern") -> str:
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        re2.compile(pattern, options)
+    except re2.error as exc:
+        detail = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise ValueError(f"{where}: not a valid RE2 pattern: {detail}") from None
+    return pattern
+
+
+class IdentifierConfig(_Strict):
+    """A tenant's own identifier treated as PII (loyalty numbers, member ids)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Z][A-Z0-9_]{0,31}$")]
+    pattern: str = Field(min_length=1, max_length=1000, description="RE2; the whole match")
+    action: PiiAction = "redact"
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        return _re2_pattern(value)
+
+
+class PiiConfig(_Strict):
+    """What happens to each kind of PII before anything else sees the request."""
+
+    default_action: PiiAction = "redact"
+    actions: dict[str, PiiAction] = Field(
+        default_factory=dict, description="per entity type, e.g. {CARD: redact, SSN: block}"
+    )
+    identifiers: list[IdentifierConfig] = Field(default_factory=list)
+    learned: bool = Field(True, description="also tag names, places, organisations, addresses")
+    min_score: float = Field(0.5, ge=0, le=1, description="learned spans below this are ignored")
+    certifications: dict[str, str] = Field(
+        default_factory=dict,
+        description="entity type -> certification needed to receive it raw (default: pii)",
+    )
+    uncertified: Literal["skip", "refuse"] = Field(
+        "skip", description="a backend lacking a needed certification: skip it, or refuse"
+    )
+
+
+class InjectionConfig(_Strict):
+    action: Literal["block", "flag"] = "block"
+    threshold: float | Literal["model"] = "model"
+    model: Path | None = Field(None, description="a guard model file; default: the shipped one")
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, value: float | str) -> float | str:
+        if isinstance(value, float) and not 0.0 <= value <= 1.0:
+            raise ValueError("expected a number in [0, 1] or 'model'")
+        return value
+
+
+class AppRulesConfig(_Strict):
+    refuse_abstained: bool = False
+    message: str = "This assistant cannot help with that request."
+
+
+class OutputRuleConfig(_Strict):
+    """One check of the answer as it streams."""
+
+    kind: Literal[
+        "deny", "commitment", "grounding", "citations", "json_schema", "pii_leak", "max_length"
+    ]
+    action: OutputAction = "block"
+    routes: list[Name] | None = Field(None, description="only these routes (default: all)")
+    pattern: str | None = Field(None, description="deny: an RE2 pattern")
+    what: Literal["amount", "percent"] | None = Field(None, description="commitment: what")
+    max: float | None = Field(None, description="commitment: the highest value allowed")
+    max_from_metadata: str | None = Field(
+        None, description="commitment: a request metadata key holding the limit"
+    )
+    json_schema: dict[str, Any] | None = Field(None, description="json_schema: the schema")
+    max_chars: int | None = Field(None, ge=1, description="max_length: the longest answer")
+
+    @model_validator(mode="after")
+    def _fields(self) -> OutputRuleConfig:
+        needs = {
+            "deny": ["pattern"],
+            "commitment": ["what"],
+            "json_schema": ["json_schema"],
+            "max_length": ["max_chars"],
+        }.get(self.kind, [])
+        missing = [name for name in needs if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"a {self.kind} rule needs {missing}")
+        if self.kind == "commitment" and self.max is None and self.max_from_metadata is None:
+            raise ValueError("a commitment rule needs max or max_from_metadata")
+        if self.pattern is not None:
+            _re2_pattern(self.pattern)
+        if self.json_schema is not None:
+            import fastjsonschema
+
+            try:
+                fastjsonschema.compile(self.json_schema)
+            except fastjsonschema.JsonSchemaDefinitionException as exc:
+                raise ValueError(f"json_schema: not a valid JSON schema: {exc}") from None
+        return self
+
+
+class OutputConfig(_Strict):
+    window: int | Literal["all"] = Field(
+        64, description="characters held back from the caller while rules check them"
+    )
+    replacement: str = "I can't answer that here; a colleague will follow up with you."
+    rules: list[OutputRuleConfig] = Field(default_factory=list)
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 0 <= value <= 1_000_000:
+            raise ValueError("expected 0..1000000 characters or 'all'")
+        return value
+
+
+class GovernanceConfig(_Strict):
+    """A tenant's rules before, in flight and after the model (reloadable while serving)."""
+
+    pii: PiiConfig | None = None
+    injection: InjectionConfig | None = None
+    apps: dict[Name, AppRulesConfig] = Field(default_factory=dict)
+    output: OutputConfig | None = None
+
+
 class TenantConfig(_Strict):
     api_keys: list[ApiKeyConfig] = Field(min_length=1)
     apps: dict[Name, AppConfig] = Field(min_length=1)
@@ -281,6 +414,7 @@ class TenantConfig(_Strict):
     sql_mirrors: dict[Name, SqlMirrorConfig] = Field(default_factory=dict)
     backends: dict[Name, BackendConfig] = Field(default_factory=dict)
     extractors: list[ExtractorConfig] = Field(default_factory=list)
+    governance: GovernanceConfig = GovernanceConfig()
 
     @model_validator(mode="after")
     def _references(self) -> TenantConfig:
@@ -298,6 +432,13 @@ class TenantConfig(_Strict):
             unknown = sorted(set(app.routes or ()) - known)
             if unknown:
                 raise ValueError(f"apps.{app_name}.routes: unknown routes {unknown}")
+        unknown_apps = sorted(set(self.governance.apps) - set(self.apps))
+        if unknown_apps:
+            raise ValueError(f"governance.apps: unknown apps {unknown_apps}")
+        for j, rule in enumerate(self.governance.output.rules if self.governance.output else ()):
+            unknown = sorted(set(rule.routes or ()) - known)
+            if unknown:
+                raise ValueError(f"governance.output.rules.{j}.routes: unknown routes {unknown}")
         for i, key in enumerate(self.api_keys):
             unknown = sorted(set(key.apps or ()) - set(self.apps))
             if unknown:

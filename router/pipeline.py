@@ -53,6 +53,9 @@ class Finding:
     detail: str = ""
     start: int = -1
     end: int = -1
+    action: str = ""
+    """What was done about it: redact, mask, allow, block, replace, flag (or empty)."""
+    score: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,11 @@ class RequestState:
     embedding: np.ndarray | None = None
     """The text's sentence embedding ``[1, dim]``, once a stage has computed it."""
     findings: list[Finding] = field(default_factory=list)
+    placeholders: dict[str, str] = field(default_factory=dict)
+    """Redaction placeholders -> the caller's values; lives only in this request's memory (never
+    logged or recorded) so that the answer can be restored."""
+    raw_data: set[str] = field(default_factory=set)
+    """Kinds of PII that reach the backends as the caller wrote them (allowed, not redacted)."""
     chain: tuple[str, ...] = ()
     """The backends to try, in order (policy's choice)."""
     limits: GenerationLimits | None = None
@@ -139,6 +147,7 @@ class FinalEvent:
     finish_reason: str
     timings_us: dict[str, int]
     breakers: dict[str, str] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -231,10 +240,13 @@ class Pipeline:
         stitch: Stage,
         generate: Generator,
         guards_in: Sequence[Stage] = (),
+        route_guards: Sequence[Stage] = (),
         guards_out: Sequence[OutputGuard] = (),
         recorders: Sequence[Recorder] = (),
     ):
-        self.to_policy: tuple[Stage, ...] = (prep, *guards_in, route, policy)
+        """``guards_in`` run before route; ``route_guards`` right after it (rules that need the
+        decision, such as refusing an abstained intent), before policy."""
+        self.to_policy: tuple[Stage, ...] = (prep, *guards_in, route, *route_guards, policy)
         self.to_stitch: tuple[Stage, ...] = (*self.to_policy, stitch)
         self.prep = prep
         self.guards_in = tuple(guards_in)
@@ -263,6 +275,7 @@ class Pipeline:
         decision = state.decision
         assert decision is not None, "the route stage sets the decision"
         decision.timings_us = dict(state.timings_us)
+        decision.findings = list(state.findings)
         return decision
 
     async def route(self, caller: Caller, query: RouteQuery, rpc: str = "Route") -> RouteDecision:
@@ -419,6 +432,7 @@ class Pipeline:
                         finish_reason=event.reason,
                         timings_us=dict(state.timings_us),
                         breakers=generator.breakers(state),
+                        findings=list(state.findings),
                     )
                     yield state.final
         except OutputBlocked as exc:

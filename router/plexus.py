@@ -19,10 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 import faiss
 
 from router.backends.resilience import BackendPool
-from router.config import LoadedConfig
+from router.config import ConfigError, LoadedConfig, load_config
 from router.context.batching import BatchingEncoder
 from router.context.collections import TenantCollections
 from router.context.stitch import ContextSources
+from router.governance.guards import AppIntentRules, InjectionCheck, PiiRedaction
+from router.governance.output import OutputChecks, RestorePlaceholders
+from router.governance.rules import Governance, compile_rules, warm
 from router.keys import KeyRing
 from router.pipeline import OutputGuard, Pipeline, Recorder, Stage
 from router.routing.decider import Deciders
@@ -60,16 +63,22 @@ class Plexus:
         self.batcher = BatchingEncoder(lambda: shared_encoder(device), self.executor)
         self.sources = ContextSources(loaded, lambda tenant: self.collections[tenant].get)
         self.backend_pools = {name: BackendPool(t.backends) for name, t in tenants.items()}
+        self.governance = Governance(loaded)
         self.pipeline = Pipeline(
             prep=Prep.from_config(loaded),
-            guards_in=guards_in,
+            guards_in=[
+                PiiRedaction(self.governance),
+                InjectionCheck(self.governance),
+                *guards_in,
+            ],
             route=Route(self.deciders, self.batcher, self.executor),
-            policy=ConfiguredChain(tenants),
+            route_guards=[AppIntentRules(self.governance)],
+            policy=ConfiguredChain(tenants, self.governance),
             stitch=Stitch(self.sources, self.batcher, self.executor),
             generate=Generate(
                 self.backend_pools, {name: t.backends for name, t in tenants.items()}
             ),
-            guards_out=guards_out,
+            guards_out=[RestorePlaceholders(), OutputChecks(self.governance), *guards_out],
             recorders=recorders,
         )
 
@@ -80,9 +89,22 @@ class Plexus:
         )
 
     async def warm(self) -> None:
-        """Load and warm the encoder now, when something uses it, not on the first request."""
+        """Load and warm the encoder and the governance detectors now, when something uses
+        them, not on the first request."""
+        self.governance.warm()
         if self.uses_encoder():
             await self.batcher.encode("warm up")
+
+    def reload_governance(self, tenant: str) -> LoadedConfig:
+        """Validate the whole configuration file again, then swap in ``tenant``'s governance
+        rules (a bad file raises ConfigError and the rules in force keep serving)."""
+        loaded = load_config(self.loaded.path)
+        if tenant not in loaded.config.tenants:
+            raise ConfigError(f"{self.loaded.path}: tenants: tenant {tenant!r} is gone")
+        rules = compile_rules(loaded.config.tenants[tenant].governance, loaded)
+        warm(rules)  # its detectors load before the swap, not on the next request
+        self.governance.swap(tenant, rules)
+        return loaded
 
     async def aclose(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -33,9 +33,14 @@ def demo_config_data(model_dir: Path) -> dict:
     retail = data["tenants"]["retail"]
     retail["model"]["data"] = str(DEMO_CONFIG.parent / retail["model"]["data"])
     retail["model"]["buckets_log2"] = 16
+    stored = {key["sha256"] for key in retail["api_keys"]}
     retail["api_keys"] += [
-        {"name": "admin", "sha256": hash_api_key(ADMIN_KEY), "admin": True},
-        {"name": "ops", "sha256": hash_api_key(OPS_ONLY_KEY), "apps": ["store_ops"]},
+        key
+        for key in [
+            {"name": "admin", "sha256": hash_api_key(ADMIN_KEY), "admin": True},
+            {"name": "ops", "sha256": hash_api_key(OPS_ONLY_KEY), "apps": ["store_ops"]},
+        ]
+        if key["sha256"] not in stored  # the example may ship the demo admin key itself
     ]
     data["tenants"]["wholesale"] = {
         "api_keys": [{"name": "w", "sha256": hash_api_key(OTHER_TENANT_KEY)}],

@@ -24,7 +24,7 @@ from router.errors import PermissionDenied
 from router.pipeline import Finding, OutputBlocked, RequestState
 from router.plexus import Plexus
 from router.server.app import PlexusServer
-from router.stages.output import HeldWindow
+from router.stages.output import HeldWindow, ReplaceAnswer
 
 from .conftest import DEMO_KEY, KNOWLEDGE, RunningServer, context_config
 
@@ -67,7 +67,7 @@ class RedactPhrase:
     name = "redact_phrase"
 
     def watch(self, state: RequestState) -> HeldWindow:
-        return HeldWindow(16, lambda text: text.replace("I was given", "[phrase]"))
+        return HeldWindow(16, lambda text, _final: text.replace("I was given", "[phrase]"))
 
 
 class BlockOnPhrase:
@@ -79,7 +79,7 @@ class BlockOnPhrase:
         self.armed = False
 
     def watch(self, state: RequestState) -> HeldWindow:
-        def review(text: str) -> str:
+        def review(text: str, _final: bool) -> str:
             if self.armed and "messages" in text:
                 raise OutputBlocked("the answer mentions messages")
             return text
@@ -149,7 +149,7 @@ def request(text: str, app: str = "storefront", **metadata: str) -> pb.RouteRequ
 
 
 GUARDS_IN = ["rewrite_codes", "note_cards", "stop_forbidden"]
-TO_POLICY = ["prep", *GUARDS_IN, "route", "policy"]
+TO_POLICY = ["prep", "pii", "injection", *GUARDS_IN, "route", "app_rules", "policy"]
 
 
 def stage_names(timings) -> list[str]:  # type: ignore[no-untyped-def]
@@ -311,12 +311,26 @@ def split_points(text: str) -> st.SearchStrategy[list[int]]:
 @settings(max_examples=200, deadline=None)
 @given(st.data(), st.text(alphabet="ab xy", max_size=80), st.integers(4, 20))
 def test_held_window_releases_the_same_text_however_it_is_split(data, text, window):
-    def review(held: str) -> str:
+    def review(held: str, _final: bool) -> str:
         return held.replace("ab", "[x]")
 
     cuts = data.draw(split_points(text))
     pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
     watch = HeldWindow(window, review)
     released = "".join(watch.feed(p) for p in pieces) + watch.flush()
-    assert released == review(text)
+    assert released == review(text, True)
     assert "ab" not in released
+
+
+def test_held_window_replaces_the_rest_of_the_answer():
+    def review(held: str, final: bool) -> str:
+        if "refund" in held:
+            raise ReplaceAnswer("A colleague will call you.")
+        return held
+
+    watch = HeldWindow(8, review)
+    released = [watch.feed(p) for p in ["Hello there, ", "your refu", "nd of $500 ", "is ready"]]
+    released.append(watch.flush())
+    assert "".join(released) == "Hello there, y" + "A colleague will call you."  # window: 8
+    whole = HeldWindow(None, lambda held, final: held.upper() if final else held)
+    assert [whole.feed("ab"), whole.feed("cd"), whole.flush()] == ["", "", "ABCD"]

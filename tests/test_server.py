@@ -61,7 +61,14 @@ def test_route_returns_a_full_decision(channel):
     assert 0.0 <= decision.confidence <= 1.0
     assert decision.model_version.startswith("v")
     assert decision.request_id == "r-1"
-    assert [t.stage for t in decision.timings] == ["prep", "route", "policy"]
+    assert [t.stage for t in decision.timings] == [
+        "prep",
+        "pii",
+        "injection",
+        "route",
+        "app_rules",
+        "policy",
+    ]
     assert decision.server_micros == sum(t.micros for t in decision.timings)
     assert decision.server_micros >= 0
     alternatives = [a.route for a in decision.alternatives]

@@ -15,6 +15,7 @@ from router.pipeline import (
     DecisionEvent,
     DeltaEvent,
     FinalEvent,
+    Finding,
     OrchestrateEvent,
 )
 from router.routing.decider import ModelInfo, ModelStatus
@@ -48,6 +49,7 @@ def decision_to_proto(decision: RouteDecision) -> pb.RouteDecision:
         route_metadata=decision.route_metadata,
         threshold=decision.threshold,
         extracted=decision.extracted,
+        findings=findings_to_proto(decision.findings),
     )
 
 
@@ -84,6 +86,21 @@ def collection_status_to_proto(collection: Collection) -> pb.CollectionStatus:
         size=collection.size,
         index_kind=collection.index_kind,
     )
+
+
+def findings_to_proto(findings: Sequence[Finding]) -> list[pb.Finding]:
+    return [
+        pb.Finding(
+            stage=f.stage,
+            kind=f.kind,
+            action=f.action,
+            detail=f.detail,
+            start=f.start,
+            end=f.end,
+            score=f.score,
+        )
+        for f in findings
+    ]
 
 
 def _timings(timings_us: dict[str, int]) -> list[pb.StageTiming]:
@@ -186,6 +203,7 @@ def orchestrate_event_to_proto(event: OrchestrateEvent) -> pb.OrchestrateEvent:
                 finish_reason=event.finish_reason,
                 timings=_timings(event.timings_us),
                 breakers=event.breakers,
+                findings=findings_to_proto(event.findings),
             )
         )
     return pb.OrchestrateEvent(

@@ -23,7 +23,8 @@ from google.protobuf.message import DecodeError, Message
 
 from router._generated.plexus.v1 import plexus_pb2 as pb
 from router.calls import Caller
-from router.errors import InvalidArgument, PlexusError
+from router.config import ConfigError
+from router.errors import FailedPrecondition, InvalidArgument, PlexusError
 from router.plexus import Plexus
 from router.server.auth import api_key_from_metadata
 from router.server.convert import (
@@ -196,6 +197,20 @@ class AdminServicer:
         return collection_status_to_proto(collection).SerializeToString()
 
     @rpc
+    async def reload_config(
+        self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        parse(pb.ReloadConfigRequest, data)
+        self.plexus.deciders.admin_tenant(caller)
+        try:
+            await self._off_loop(self.plexus.reload_governance, caller.tenant)
+        except ConfigError as exc:
+            raise FailedPrecondition(f"the configuration was refused: {exc}") from None
+        return pb.ReloadConfigResponse(
+            tenant=caller.tenant, message="governance rules reloaded"
+        ).SerializeToString()
+
+    @rpc
     async def list_models(
         self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
@@ -245,6 +260,7 @@ def generic_handlers(
         "LoadModel": unary(admin_servicer.load_model, _identity, _identity),
         "Rollback": unary(admin_servicer.rollback, _identity, _identity),
         "ReloadCollection": unary(admin_servicer.reload_collection, _identity, _identity),
+        "ReloadConfig": unary(admin_servicer.reload_config, _identity, _identity),
     }
     return [
         grpc.method_handlers_generic_handler("plexus.v1.Router", router_methods),

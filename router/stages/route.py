@@ -37,9 +37,9 @@ class Route:
 
     async def run(self, state: RequestState) -> None:
         tenant = self.deciders.tenant(state.caller)
-        embedding = (
-            await encode_text(self.batcher, state, self.name) if tenant.uses_encoder else None
-        )
+        embedding = state.embedding  # a guard may have encoded the text already
+        if embedding is None and tenant.uses_encoder:
+            embedding = await encode_text(self.batcher, state, self.name)
         decision = tenant.decide(state.query.app, state.text, embedding)
         decision.request_id = state.query.request_id
         decision.extracted = state.extracted
