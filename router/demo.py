@@ -25,6 +25,7 @@ from router.client import (
 from router.config import LoadedConfig
 from router.context.ingest import ingest
 from router.context.ingest_cli import load_sql_mirror
+from router.routing.registry import ACTIVE_FILE
 from router.routing.tenant_training import train_tenant
 from router.server.app import PlexusServer
 
@@ -78,7 +79,10 @@ def prepare(loaded: LoadedConfig) -> None:
     """Train the model, load the SQL mirror and ingest the knowledge base."""
     root = loaded.base_dir
     print("== training the retail routing model", flush=True)
-    result = train_tenant(loaded, "retail", progress=_say, activate=True)
+    # A rerun serves what it trains, even where a load or rollback left ACTIVE on an older
+    # version; a first run leaves no ACTIVE (the newest is served).
+    pinned = (loaded.model_dir / "retail" / ACTIVE_FILE).is_file()
+    result = train_tenant(loaded, "retail", progress=_say, activate=pinned)
     metrics = result.trained.card.metrics
     print(
         f"   {result.version}: held-out in-scope accuracy {metrics['inscope_accuracy']:.3f}, "

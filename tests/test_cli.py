@@ -25,6 +25,7 @@ from router._generated.plexus.v1 import plexus_pb2 as pb
 from router._generated.plexus.v1 import plexus_pb2_grpc as pb_grpc
 from router.config import ApiKeyConfig, LoadedConfig, hash_api_key, load_config
 from router.context.collections import Collection
+from router.keys import KeyRing
 
 from .conftest import ADMIN_KEY, DEMO_KEY, KNOWLEDGE, ROOT, demo_config_data
 
@@ -224,6 +225,15 @@ def test_keys_new_prints_a_key_and_its_entry(capsys: pytest.CaptureFixture[str])
     assert yaml.safe_load(other_entry)[0]["name"] == f"key-{hash_api_key(other_key)[:8]}"
     code, _, err = run_cli(capsys, "keys", "new", "--apps", "ok,not ok")
     assert code == cli.EXIT_USAGE and "'not ok'" in one_line_error(err)
+
+
+def test_the_example_ships_a_demo_admin_key():
+    loaded = load_config(ROOT / "examples" / "retail" / "plexus.yaml")
+    keys = KeyRing(loaded)
+    assert keys.authenticate(ADMIN_KEY).admin
+    assert not keys.authenticate(DEMO_KEY).admin
+    text = (ROOT / "examples" / "retail" / "plexus.yaml").read_text()
+    assert "retail-admin-key" in text and "plexus keys new" in text  # named as a demo secret
 
 
 def test_mirror_load_builds_the_sqlite_file_atomically(
