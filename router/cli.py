@@ -1,16 +1,19 @@
-"""The ``plexus`` command: serve, train, route, models, collections, keys, mirror, ingest, bench,
+"""The plexus command: serve, train, route, models, collections, keys, mirror, ingest, bench,
 demo.
 
-Every error is one line on stderr, ``plexus: error: WHAT; WHAT TO DO``, and its class is the
-exit status (``-v`` adds the detail: the traceback and INFO logs):
+Every error is one line on stderr, "plexus: error: WHAT; WHAT TO DO"; -v (before or after the
+command) adds the detail: the traceback and INFO logs. The exit status names the class:
 
-  0 success                       5 unavailable: no server answers, or it timed out
-  1 internal error; `ingest` when 6 invalid argument (empty text, a bad SQL script, ...)
-    every file was skipped        7 failed precondition (a swap refused on held-out
-  2 usage or configuration error    accuracy, nothing to roll back, ...)
-  3 not found (app, model          8 cannot listen: the address is in use or not this
-    version, collection, file)       machine's
-  4 authentication or permission  130 interrupted (Ctrl-C)
+  0    success
+  1    internal error (a bug); `ingest` when every file given was skipped
+  2    usage or configuration error
+  3    not found: app, model version, collection, file
+  4    authentication or permission
+  5    unavailable: no server answers at --remote, or none within --timeout
+  6    invalid argument: empty or too long text, a bad data file or SQL script
+  7    failed precondition: a swap refused on held-out accuracy, nothing to roll back
+  8    serve cannot listen: the address is in use or not one of this machine's
+  130  interrupted
 """
 
 from __future__ import annotations
