@@ -103,6 +103,18 @@ def _amount(match: re.Match[str]) -> str | None:
 
 _VALUE_OF: dict[str, Callable[[re.Match[str]], str | None]] = {"date": _iso_date, "amount": _amount}
 
+# A word or character every match of a kind contains: when the (case-folded) text lacks it,
+# the search is skipped. Most requests name no store, order or SKU, and the check costs far
+# less than a case-insensitive search (~1 µs each on a 20-word text).
+_CUES: dict[str, tuple[str, ...]] = {
+    "store_id": ("store",),
+    "order_number": ("order",),
+    "sku": ("sku",),
+    "email": ("@",),
+    "amount": tuple("0123456789"),
+    "date": tuple("0123456789"),
+}
+
 
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False
@@ -116,6 +128,7 @@ class Extractor:
     search: Callable[[str], re.Match[str] | None]
     value_of: Callable[[re.Match[str]], str | None]
     pad_digits: int = 0
+    cues: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, config: ExtractorConfig) -> Extractor:
@@ -124,9 +137,15 @@ class Extractor:
             return cls(config.name, compiled.search, _first_group, config.pad_digits)
         assert config.kind is not None
         value_of = _VALUE_OF.get(config.kind, _first_group)
-        return cls(config.name, _BUILT_IN[config.kind].search, value_of, config.pad_digits)
+        search = _BUILT_IN[config.kind].search
+        return cls(config.name, search, value_of, config.pad_digits, _CUES.get(config.kind, ()))
 
-    def extract(self, text: str) -> str | None:
+    def extract(self, text: str, folded: str | None = None) -> str | None:
+        """The first value in ``text``; ``folded`` is ``text.casefold()`` when the caller has it."""
+        if self.cues:
+            folded = text.casefold() if folded is None else folded
+            if not any(cue in folded for cue in self.cues):
+                return None
         match = self.search(text)
         if match is None:
             return None
@@ -141,8 +160,9 @@ class Extractor:
 def extract_fields(extractors: Sequence[Extractor], text: str) -> dict[str, str]:
     """Every extractor's first value in ``text`` (an extractor that finds nothing is absent)."""
     found: dict[str, str] = {}
+    folded = text.casefold()
     for extractor in extractors:
-        value = extractor.extract(text)
+        value = extractor.extract(text, folded)
         if value is not None:
             found[extractor.name] = value
     return found
