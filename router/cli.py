@@ -314,6 +314,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port = await server.start()
         except (RuntimeError, OSError) as exc:
             await server.plexus.aclose()
+            if "bind" not in str(exc) and "cannot listen" not in str(exc):
+                raise
             logging.getLogger("plexus.cli").info("start failed: %s", exc)
             raise CliError(
                 f"cannot listen on {address} (in use, or not an address of this machine): "
