@@ -172,9 +172,9 @@ def test_every_format_is_read_cleaned_and_ingested(tmp_path: Path, loaded: Loade
     assert returns.title == "Returns and refunds" and "**" not in returns.text
     assert "30 days" in returns.text
 
-    # a single file's source id is its name relative to the given path's parent
-    single = ingest(loaded, "retail", "kb", [docs / "notes.txt"])
-    assert single.added_sources == ["notes.txt"]
+    # a file named on its own keeps the id it had when ingested through its folder
+    single = ingest(loaded, "retail", "kb", [docs / "notes.txt"], tags=["kb"])
+    assert single.unchanged_sources == ["docs/notes.txt"] and single.added_sources == []
 
 
 # --------------------------------------------------------------------------------------------

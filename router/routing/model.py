@@ -14,19 +14,27 @@ Contract (version 1), checked when a file is loaded:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 from router._native import NO_EXTENSIONS
+from router.files import atomic_write
 from router.routing.encoder import inference_session
 from router.routing.featurizer import Featurizer, FeaturizerParams
+
+if TYPE_CHECKING:
+    import onnx
+
+# `onnx` is imported only where a graph is built or parsed: importing it costs 1-2 s at start-up
+# (most of it in ml_dtypes), which a server loading a cached fast model never needs.
 
 if NO_EXTENSIONS:
     from router.routing.linear_head_ref import linear_head_probs as _linear_head_probs
@@ -131,6 +139,8 @@ class ModelCard:
 
 
 def _linear_nodes(dense: bool) -> list[onnx.NodeProto]:
+    from onnx import TensorProto, helper
+
     """The graph of a Plexus linear head (``dense``: with the encoder's embedding input)."""
     nodes = [
         helper.make_node("Gather", ["remap", "ids"], ["rows"], axis=0),
@@ -168,6 +178,9 @@ def build_linear_onnx(
     ``sparse_weights`` is ``[buckets, classes]``; only rows that training touched are stored,
     behind an int64 remap table, so the file grows with the vocabulary seen, not the buckets.
     """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
     buckets, classes = sparse_weights.shape
     used = np.flatnonzero(np.any(sparse_weights != 0, axis=1))
     remap = np.full(buckets + 1, len(used), dtype=np.int64)  # pad and unseen -> zero row
@@ -226,7 +239,49 @@ class NativeLinearHead:
             raise ModelContractError("the remap table points outside the weights")
 
     @classmethod
+    def from_bytes(cls, model_bytes: bytes) -> NativeLinearHead | None:
+        """The head of a model file, or None when its graph is not the one Plexus writes.
+
+        What a file holds is cached by its SHA-256 (``cache_dir()/head-*.npz``), so a restart
+        reads four arrays instead of parsing the graph with ``onnx``.
+        """
+        from router.routing.encoder import cache_dir
+
+        digest = hashlib.sha256(model_bytes).hexdigest()[:32]
+        cached = cache_dir() / f"head-{digest}.npz"
+        try:
+            with np.load(cached) as arrays:
+                if not bool(arrays["native"]):
+                    return None
+                return cls(
+                    arrays["remap"], arrays["weights"], arrays["bias"], int(arrays["pad_id"])
+                )
+        except (OSError, KeyError, ValueError):
+            pass  # not cached yet (or damaged): parse the graph and cache it
+        import onnx
+
+        head = cls.from_model(onnx.load_from_string(model_bytes))
+        arrays = (
+            {"native": np.array(False)}
+            if head is None
+            else {
+                "native": np.array(True),
+                "remap": head.remap,
+                "weights": head.weights,
+                "bias": head.bias,
+                "pad_id": np.array(head.pad_id),
+            }
+        )
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        with contextlib.suppress(OSError):  # an unwritable cache only costs time
+            atomic_write(cached, buffer.getvalue())
+        return head
+
+    @classmethod
     def from_model(cls, model: onnx.ModelProto) -> NativeLinearHead | None:
+        from onnx import numpy_helper
+
         graph = model.graph
         if [i.name for i in graph.input] != ["ids"] or _node_signature(graph.node) != (
             _node_signature(_linear_nodes(dense=False))
@@ -284,7 +339,7 @@ class Classifier:
         self._output = ["probs"]
         self.native_head = None
         if native_head and not self.uses_encoder:
-            self.native_head = NativeLinearHead.from_model(onnx.load_from_string(model_bytes))
+            self.native_head = NativeLinearHead.from_bytes(model_bytes)
         self._check_output(source)
 
     def _check_output(self, source: str) -> None:
@@ -340,6 +395,8 @@ class Classifier:
 
 def read_card(path: Path) -> ModelCard:
     """The metadata of a model file, without building an inference session."""
+    import onnx
+
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError, OSError, ...
