@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
+    "AsyncPlexusClient",
     "Caller",
     "ConfigError",
     "ContextEvent",
@@ -38,6 +39,7 @@ __all__ = [
     "Pipeline",
     "Plexus",
     "PlexusClient",
+    "PlexusClientError",
     "PlexusError",
     "PlexusServer",
     "RequestState",
@@ -71,6 +73,8 @@ _WHERE = {
     "RequestState": "router.pipeline",
     "Plexus": "router.plexus",
     "PlexusClient": "router.client",
+    "AsyncPlexusClient": "router.client",
+    "PlexusClientError": "router.client",
     "PlexusServer": "router.server.app",
     "StitchResult": "router.context.stitch",
     "ingest": "router.context.ingest",
@@ -94,7 +98,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from router.calls import Caller, RouteDecision, RouteQuery
-    from router.client import PlexusClient
+    from router.client import AsyncPlexusClient, PlexusClient, PlexusClientError
     from router.config import ConfigError, LoadedConfig, load_config, parse_config
     from router.context.ingest import ingest
     from router.context.stitch import StitchResult

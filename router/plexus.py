@@ -68,7 +68,7 @@ class Plexus:
             prep=Prep.from_config(loaded),
             guards_in=[
                 PiiRedaction(self.governance),
-                InjectionCheck(self.governance),
+                InjectionCheck(self.governance, self.batcher),
                 *guards_in,
             ],
             route=Route(self.deciders, self.batcher, self.executor),

@@ -15,10 +15,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from router.context.batching import BatchingEncoder
 from router.errors import PermissionDenied
 from router.governance.rules import Governance, PiiRules
 from router.governance.types import Span
 from router.pipeline import Finding, RequestState
+from router.stages.route import encode_text
 
 PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*)_(\d+)>")
 _KEEP_TAIL = {"CARD", "IBAN", "PHONE", "SSN"}
@@ -98,15 +100,19 @@ class InjectionCheck:
 
     name = "injection"
 
-    def __init__(self, governance: Governance):
+    def __init__(self, governance: Governance, batcher: BatchingEncoder):
         self.governance = governance
+        self.batcher = batcher
 
     async def run(self, state: RequestState) -> None:
         rules = self.governance.of(state.caller.tenant).injection
         if rules is None:
             return
         guard = rules.guard()
-        score = guard.score(state.text)
+        embedding = state.embedding
+        if guard.uses_encoder and embedding is None:  # encoded off the loop, kept for route
+            embedding = await encode_text(self.batcher, state, self.name)
+        score = guard.score(state.text, embedding)
         threshold = guard.threshold if rules.threshold is None else rules.threshold
         if score < threshold:
             return
