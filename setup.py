@@ -47,13 +47,15 @@ def generate_protos(out_dir: Path) -> None:
     if protoc.main([*args, *protos]) != 0:
         raise RuntimeError(f"protoc failed on {protos}")
     prefix = ".".join(GENERATED_PACKAGE)
-    for generated in out_dir.rglob("*.py*"):
+    # Only the sources protoc wrote: a rebuild finds compiled __pycache__ files here too.
+    for generated in [*out_dir.rglob("*.py"), *out_dir.rglob("*.pyi")]:
         text = generated.read_text()
         # protoc writes absolute imports rooted at the proto path; root them in our package.
         fixed = re.sub(r"^from plexus\.", f"from {prefix}.plexus.", text, flags=re.M)
         if fixed != text:
             generated.write_text(fixed)
-    for package_dir in [out_dir, *[p for p in out_dir.rglob("*") if p.is_dir()]]:
+    packages = [p for p in out_dir.rglob("*") if p.is_dir() and p.name != "__pycache__"]
+    for package_dir in [out_dir, *packages]:
         (package_dir / "__init__.py").touch()
 
 
@@ -94,6 +96,7 @@ def native_extension(name: str, **kwargs: Any) -> Extension:
 extensions = [
     native_extension("featurizer", include_dirs=[numpy.get_include()]),
     native_extension("linear_head"),
+    native_extension("pii"),
 ]
 
 setup(
