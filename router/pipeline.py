@@ -23,8 +23,10 @@ block, redact or restore text in flight.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -263,13 +265,25 @@ class Pipeline:
             await stage.run(state)
             timings[stage.name] = _elapsed_us(started)
 
-    def _record(self, state: RequestState) -> None:
-        for recorder in self.recorders:
-            recorder.record(state)
-
-    def _failed(self, state: RequestState, exc: BaseException) -> None:
-        state.error = exc
-        state.outcome = exc.status if isinstance(exc, PlexusError) else "INTERNAL"
+    @contextmanager
+    def _recorded(self, *states: RequestState) -> Iterator[None]:
+        """Record each state once when the block ends, with the error that ended it, if any."""
+        try:
+            yield
+        except BaseException as exc:
+            if isinstance(exc, PlexusError):
+                outcome = exc.status
+            elif isinstance(exc, asyncio.CancelledError | GeneratorExit):
+                outcome = "CANCELLED"  # the caller went away
+            else:
+                outcome = "INTERNAL"
+            for state in states:
+                state.error, state.outcome = exc, outcome
+            raise
+        finally:
+            for state in states:
+                for recorder in self.recorders:
+                    recorder.record(state)
 
     def _decided(self, state: RequestState) -> RouteDecision:
         decision = state.decision
@@ -281,14 +295,9 @@ class Pipeline:
     async def route(self, caller: Caller, query: RouteQuery, rpc: str = "Route") -> RouteDecision:
         """The decision (prep, guard-in, route and policy)."""
         state = RequestState(caller, query, rpc=rpc)
-        try:
+        with self._recorded(state):
             await self._run(state, self.to_policy)
             return self._decided(state)
-        except BaseException as exc:
-            self._failed(state, exc)
-            raise
-        finally:
-            self._record(state)
 
     async def route_many(
         self, caller: Caller, queries: Sequence[RouteQuery], deadline: float | None = None
@@ -298,7 +307,7 @@ class Pipeline:
         Any request that fails a stage fails the whole batch with that request's status.
         """
         states = [RequestState(caller, q, rpc="RouteBatch", deadline=deadline) for q in queries]
-        try:
+        with self._recorded(*states):
             for stage in self.to_policy:
                 started = time.perf_counter_ns()
                 if stage is self.route_stage:
@@ -310,13 +319,6 @@ class Pipeline:
                 for state in states:
                     state.timings_us[stage.name] = each
             return [self._decided(state) for state in states]
-        except BaseException as exc:
-            for state in states:
-                self._failed(state, exc)
-            raise
-        finally:
-            for state in states:
-                self._record(state)
 
     async def stitch(
         self,
@@ -335,17 +337,12 @@ class Pipeline:
             budget_tokens=budget_tokens,
             deadline=deadline,
         )
-        try:
+        with self._recorded(state):
             await self._run(state, self.to_stitch)
             self._decided(state)
             assert state.context is not None, "the stitch stage sets the context"
             state.context.timings_us.update(state.timings_us)
             return state.context
-        except BaseException as exc:
-            self._failed(state, exc)
-            raise
-        finally:
-            self._record(state)
 
     async def orchestrate(
         self,
@@ -369,18 +366,13 @@ class Pipeline:
             deadline=deadline,
             generates=True,
         )
-        try:
+        with self._recorded(state):
             await self._run(state, self.to_stitch)
             assert state.context is not None, "the stitch stage sets the context"
             yield DecisionEvent(self._decided(state))
             yield ContextEvent(state.context)
             async for event in self._answer(state):
                 yield event
-        except BaseException as exc:
-            self._failed(state, exc)
-            raise
-        finally:
-            self._record(state)
 
     def _release(self, state: RequestState, watches: Sequence[OutputWatch], text: str) -> str:
         """``text`` through every output guard in order (each one's release feeds the next)."""

@@ -21,11 +21,10 @@ from typing import Any
 import numpy as np
 
 from bench import api, common
-from bench.harness.processes import REPO_ROOT
 from bench.report import num, percentiles_us, say, table
 from bench.retrieval.index import BUILD_THREADS, mixture_for
 
-DEMO_CONFIG = REPO_ROOT / common.DEMO_CONFIG
+DEMO_CONFIG = common.DEMO_CONFIG
 STITCH_WARMUP = 50
 STITCH_REQUESTS = 1000
 CHUNKS_PER_SOURCE = 10  # synthetic product chunks are grouped into sources ("products") of 10
