@@ -1,0 +1,4 @@
+KINDS: tuple[str, ...]
+ALL_KINDS: int
+
+def scan(text: str, mask: int = ...) -> list[tuple[int, int, int, float]]: ...
