@@ -41,6 +41,20 @@ _WHERE: dict[str, tuple[str, ...]] = {
     "set_search_params": ("router.context.collections",),
     "CollectionWriter": ("router.context.collections",),
     "ChunkRecord": ("router.context.types",),
+    # governance
+    "PlexusError": (*_PUBLIC, "router.errors"),
+    "GovernanceConfig": ("router.config",),
+    "PiiConfig": ("router.config",),
+    "Span": ("router.governance.types",),
+    "PiiScanner": ("router.governance.pii_scan",),
+    "EntityTagger": ("router.governance.ner",),
+    "merge_spans": ("router.governance.rules",),
+    "compile_rules": ("router.governance.rules",),
+    "redact": ("router.governance.guards",),
+    "evaluate_spans": ("router.governance.ner_training",),
+    "InjectionGuard": ("router.governance.injection",),
+    "evaluate_guard": ("router.governance.injection_training",),
+    "load_injection_csv": ("router.governance.injection_training",),
 }
 # Names that differ from the attribute they stand for.
 _ALIASES = {"set_search_params": "_set_search_params"}
