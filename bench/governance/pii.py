@@ -449,4 +449,4 @@ def plot(part: dict[str, Any], ax: Any) -> None:
     ax.axhline(GOAL_F2, color="gray", linestyle=":", linewidth=1)
     ax.set_xticks(xs, kinds, rotation=60, ha="right", fontsize=8)
     ax.set(ylim=(0, 1.05), ylabel="F2", title="PII spans per kind")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper right")
