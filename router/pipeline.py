@@ -214,7 +214,9 @@ class OutputGuard(Protocol):
 
     name: str
 
-    def watch(self, state: RequestState) -> OutputWatch: ...
+    def watch(self, state: RequestState) -> OutputWatch | None:
+        """None when this guard has nothing to check in this answer."""
+        ...
 
 
 class Recorder(Protocol):
@@ -375,28 +377,35 @@ class Pipeline:
             async for event in self._answer(state):
                 yield event
 
-    def _release(self, state: RequestState, watches: Sequence[OutputWatch], text: str) -> str:
+    @staticmethod
+    def _release(state: RequestState, watches: Sequence[tuple[str, OutputWatch]], text: str) -> str:
         """``text`` through every output guard in order (each one's release feeds the next)."""
         timings = state.timings_us
-        for guard, watch in zip(self.guards_out, watches, strict=True):
+        for name, watch in watches:
             started = time.perf_counter_ns()
             text = watch.feed(text) if text else ""
-            timings[guard.name] = timings.get(guard.name, 0) + _elapsed_us(started)
+            timings[name] += _elapsed_us(started)
         return text
 
-    def _flush(self, state: RequestState, watches: Sequence[OutputWatch]) -> str:
+    @staticmethod
+    def _flush(state: RequestState, watches: Sequence[tuple[str, OutputWatch]]) -> str:
         timings = state.timings_us
         text = ""
-        for guard, watch in zip(self.guards_out, watches, strict=True):
+        for name, watch in watches:
             started = time.perf_counter_ns()
             text = (watch.feed(text) if text else "") + watch.flush()
-            timings[guard.name] = timings.get(guard.name, 0) + _elapsed_us(started)
+            timings[name] += _elapsed_us(started)
         return text
 
     async def _answer(self, state: RequestState) -> AsyncIterator[OrchestrateEvent]:
         """generate and guard-out: the backend's deltas, released through the output guards."""
         generator = self.generate
-        watches = [guard.watch(state) for guard in self.guards_out]
+        watches = []
+        for guard in self.guards_out:
+            state.timings_us[guard.name] = 0
+            watch = guard.watch(state)
+            if watch is not None:  # nothing to watch in this answer: no cost per delta
+                watches.append((guard.name, watch))
         started = time.perf_counter_ns()
         served: Served | None = None
         upstream = generator.stream(state)

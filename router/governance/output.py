@@ -47,10 +47,10 @@ REDACTED = "[redacted]"
 class RestorePlaceholders:
     name = "restore"
 
-    def watch(self, state: RequestState) -> HeldWindow:
+    def watch(self, state: RequestState) -> HeldWindow | None:
         placeholders = dict(state.placeholders)
         if not placeholders:
-            return HeldWindow(0, lambda text, _final: text)
+            return None
         longest = max(len(p) for p in placeholders)
 
         def restore(text: str, _final: bool) -> str:
@@ -209,10 +209,10 @@ class OutputChecks:
     def __init__(self, governance: Governance):
         self.governance = governance
 
-    def watch(self, state: RequestState) -> HeldWindow:
+    def watch(self, state: RequestState) -> HeldWindow | None:
         output = self.governance.of(state.caller.tenant).output
         route = state.decision.route if state.decision else ""
         rules = output.for_route(route) if output else ()
         if not rules or output is None:
-            return HeldWindow(0, lambda text, _final: text)
+            return None
         return _CountingWindow(output.window_for(rules), _Review(self.name, state, output, rules))
