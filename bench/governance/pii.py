@@ -128,7 +128,8 @@ def tagger_status() -> tuple[bool, str]:
         tagger = api.EntityTagger.default()
     except Exception as exc:  # noqa: BLE001 - a missing or refused model file is reported
         return False, f"{type(exc).__name__}: {exc}"
-    return True, f"{tagger.source} (span threshold {tagger.threshold})"
+    created = getattr(tagger.card, "created_at", "")
+    return True, f"{tagger.source} (created {created}, span threshold {tagger.threshold})"
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -252,6 +253,20 @@ def _goals(scores: Any, timing: dict[str, Any] | None) -> list[dict[str, Any]]:
     return goals
 
 
+def _taken(scanned: list[list[Any]], merged: list[list[Any]]) -> dict[str, int]:
+    """Structured spans that ``merge_spans`` dropped for an overlapping (longer) span, counted
+    as ``"KIND -> WINNER"``."""
+    taken: Counter[str] = Counter()
+    for ours, final in zip(scanned, merged, strict=True):
+        kept = {(s.kind, s.start, s.end) for s in final}
+        for span in ours:
+            if (span.kind, span.start, span.end) in kept:
+                continue
+            winners = [f.kind for f in final if f.start < span.end and f.end > span.start]
+            taken[f"{span.kind} -> {'/'.join(winners) or 'none'}"] += 1
+    return dict(taken.most_common())
+
+
 def _presidio(texts: list[str], gold: list[list[Any]]) -> dict[str, Any]:
     result = presidio.analyze(texts)
     if result["run"]:
@@ -294,6 +309,7 @@ def run(path: Path, *, repeats: int, with_presidio: bool) -> dict[str, Any]:
         "gold_spans": {k: gold_counts.get(k, 0) for k in KINDS},
         "scores": score(predicted, gold, texts, KINDS),
         "scanner_alone": score(scanner_only, gold, texts, STRUCTURED),
+        "taken_by_merge": _taken(scanner_only, predicted),
         "plexus_on_presidio_kinds": score(predicted, gold, texts, presidio.KINDS),
         "detect_seconds": round(detect_s, 2),
         "timing": timings,
@@ -373,7 +389,10 @@ def markdown(part: dict[str, Any]) -> str:
         "",
         markdown_table(HEADER, _kind_rows(part, s, KINDS)),
         "",
-        "The structured scanner alone (before merging with the tagger's spans):",
+        "The structured scanner alone (before merging with the tagger's spans). Structured "
+        "spans the merge gave to an overlapping longer span: "
+        + (", ".join(f"{k} ×{v}" for k, v in part["taken_by_merge"].items()) or "none")
+        + ":",
         "",
         markdown_table(HEADER, _kind_rows(part, part["scanner_alone"], STRUCTURED)),
         "",
