@@ -340,3 +340,19 @@ def test_restoring_is_the_same_however_the_answer_is_split(data):
     released = "".join(watch.feed(p) for p in pieces) + watch.flush()
     expected = text.replace("<CARD_1>", CARD).replace("<EMAIL_12>", "a@b.co")
     assert released == expected
+
+
+def test_learned_spans_never_take_a_structural_match_s_place():
+    from router.governance.rules import merge_spans
+    from router.governance.types import Span
+
+    structural = [Span("PHONE", 10, 22), Span("CARD", 40, 59)]
+    learned = [Span("ADDRESS", 0, 35, 0.8), Span("PERSON", 58, 70, 0.9)]
+    merged = merge_spans(structural, learned)
+    assert [(s.kind, s.start, s.end) for s in merged] == [
+        ("ADDRESS", 0, 10),
+        ("PHONE", 10, 22),
+        ("ADDRESS", 22, 35),
+        ("CARD", 40, 59),
+        ("PERSON", 59, 70),
+    ]

@@ -10,7 +10,7 @@ them.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -53,13 +53,44 @@ def injection_guard(path: Path | None) -> InjectionGuard:
     return InjectionGuard.default() if path is None else InjectionGuard.from_file(path)
 
 
-def merge_spans(spans: list[Span]) -> list[Span]:
-    """Non-overlapping spans by start: of overlapping ones the longer wins, then the surer."""
+def merge_spans(spans: list[Span], learned: Sequence[Span] = ()) -> list[Span]:
+    """Non-overlapping spans by start.
+
+    Of overlapping ``spans`` (structural matches) the longer wins, then the surer. A
+    ``learned`` span (the tagger's) never takes a structural match's place: it keeps only its
+    parts outside them, so an address that holds a phone number becomes the phone number plus
+    the address text around it (when a learned ADDRESS swallowed them, 12 phone numbers and 4
+    card numbers of the PII benchmark set lost their type).
+    """
     chosen: list[Span] = []
     for span in sorted(spans, key=lambda s: (-(s.end - s.start), -s.score, s.start)):
         if all(span.end <= kept.start or span.start >= kept.end for kept in chosen):
             chosen.append(span)
+    structural = sorted(chosen, key=lambda s: s.start)
+    for span in sorted(learned, key=lambda s: (-(s.end - s.start), -s.score, s.start)):
+        for part in _outside(span, structural):
+            if all(part.end <= kept.start or part.start >= kept.end for kept in chosen):
+                chosen.append(part)
     return sorted(chosen, key=lambda s: s.start)
+
+
+MIN_LEARNED_PART = 3
+"""A learned span's part shorter than this (a stray comma between two numbers) is dropped."""
+
+
+def _outside(span: Span, structural: Sequence[Span]) -> list[Span]:
+    """The parts of ``span`` that no structural span covers."""
+    parts: list[Span] = []
+    start = span.start
+    for other in structural:
+        if other.end <= start or other.start >= span.end:
+            continue
+        if other.start > start:
+            parts.append(Span(span.kind, start, other.start, span.score))
+        start = max(start, other.end)
+    if start < span.end:
+        parts.append(Span(span.kind, start, span.end, span.score))
+    return [p for p in parts if p.end - p.start >= MIN_LEARNED_PART]
 
 
 @dataclass(frozen=True)
@@ -83,9 +114,10 @@ class PiiRules:
         spans = list(structured_scanner().scan(text))
         for kind, pattern, _action in self.identifiers:
             spans += [Span(kind, m.start(), m.end(), 1.0) for m in pattern.finditer(text)]
+        learned = []
         if self.learned:
-            spans += [s for s in default_tagger().tag(text) if s.score >= self.min_score]
-        return merge_spans([s for s in spans if s.end > s.start])
+            learned = [s for s in default_tagger().tag(text) if s.score >= self.min_score]
+        return merge_spans([s for s in spans if s.end > s.start], learned)
 
 
 @dataclass(frozen=True)
