@@ -217,6 +217,19 @@ class RouteConfig(_Strict):
     context: ContextConfig | None = None
 
 
+def compile_re2(pattern: str, where: str = "pattern") -> Any:
+    """``pattern`` compiled by RE2 (linear-time matching); a ValueError naming ``where``."""
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as exc:
+        detail = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise ValueError(f"{where}: not a valid RE2 pattern: {detail}") from None
+
+
 EXTRACTOR_KINDS = ("order_number", "store_id", "sku", "amount", "date", "email")
 
 
@@ -239,15 +252,8 @@ class ExtractorConfig(_Strict):
             raise ValueError(
                 f"give exactly one of kind (one of {list(EXTRACTOR_KINDS)}) or pattern"
             )
-        if self.pattern is not None:
-            import re2
-
-            try:
-                compiled = re2.compile(self.pattern)
-            except re2.error as exc:
-                raise ValueError(f"pattern: not a valid RE2 pattern: {exc}") from None
-            if compiled.groups > 1:
-                raise ValueError("pattern: use at most one capturing group (the value)")
+        if self.pattern is not None and compile_re2(self.pattern).groups > 1:
+            raise ValueError("pattern: use at most one capturing group (the value)")
         return self
 
 
@@ -276,19 +282,6 @@ PiiAction = Literal["redact", "mask", "allow", "block"]
 OutputAction = Literal["block", "redact", "replace", "flag"]
 
 
-def _re2_pattern(pattern: str, where: str = "pattern") -> str:
-    import re2
-
-    options = re2.Options()
-    options.log_errors = False
-    try:
-        re2.compile(pattern, options)
-    except re2.error as exc:
-        detail = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
-        raise ValueError(f"{where}: not a valid RE2 pattern: {detail}") from None
-    return pattern
-
-
 class IdentifierConfig(_Strict):
     """A tenant's own identifier treated as PII (loyalty numbers, member ids)."""
 
@@ -299,7 +292,8 @@ class IdentifierConfig(_Strict):
     @field_validator("pattern")
     @classmethod
     def _pattern(cls, value: str) -> str:
-        return _re2_pattern(value)
+        compile_re2(value)
+        return value
 
 
 class PiiConfig(_Strict):
@@ -370,7 +364,7 @@ class OutputRuleConfig(_Strict):
         if self.kind == "commitment" and self.max is None and self.max_from_metadata is None:
             raise ValueError("a commitment rule needs max or max_from_metadata")
         if self.pattern is not None:
-            _re2_pattern(self.pattern)
+            compile_re2(self.pattern)
         if self.json_schema is not None:
             import fastjsonschema
 

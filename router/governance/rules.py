@@ -16,9 +16,13 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import re2
-
-from router.config import GovernanceConfig, LoadedConfig, OutputRuleConfig, TenantConfig
+from router.config import (
+    GovernanceConfig,
+    LoadedConfig,
+    OutputRuleConfig,
+    TenantConfig,
+    compile_re2,
+)
 from router.governance.types import Span
 
 if TYPE_CHECKING:
@@ -27,9 +31,6 @@ if TYPE_CHECKING:
     from router.governance.pii_scan import PiiScanner
 
 DEFAULT_CERTIFICATION = "pii"
-
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False
 
 
 @cache
@@ -172,8 +173,7 @@ def compile_rules(config: GovernanceConfig, loaded: LoadedConfig) -> TenantGover
             actions=dict(config.pii.actions),
             default_action=config.pii.default_action,
             identifiers=tuple(
-                (i.name, re2.compile(i.pattern, _RE2_OPTIONS), i.action)
-                for i in config.pii.identifiers
+                (i.name, compile_re2(i.pattern), i.action) for i in config.pii.identifiers
             ),
             learned=config.pii.learned,
             min_score=config.pii.min_score,
@@ -193,7 +193,7 @@ def compile_rules(config: GovernanceConfig, loaded: LoadedConfig) -> TenantGover
     if config.output is not None:
         rules = []
         for rule in config.output.rules:
-            pattern = re2.compile(rule.pattern, _RE2_OPTIONS) if rule.pattern else None
+            pattern = compile_re2(rule.pattern) if rule.pattern else None
             validate = None
             if rule.json_schema is not None:
                 import fastjsonschema

@@ -21,9 +21,7 @@ import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import re2
-
-from router.config import ExtractorConfig, LoadedConfig, TenantConfig
+from router.config import ExtractorConfig, LoadedConfig, TenantConfig, compile_re2
 from router.errors import InvalidArgument, NotFound, PermissionDenied, shown
 from router.pipeline import RequestState
 
@@ -116,10 +114,6 @@ _CUES: dict[str, tuple[str, ...]] = {
 }
 
 
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False
-
-
 @dataclass(frozen=True)
 class Extractor:
     """One compiled extractor: ``extract(text) -> value or None``."""
@@ -133,7 +127,7 @@ class Extractor:
     @classmethod
     def from_config(cls, config: ExtractorConfig) -> Extractor:
         if config.pattern is not None:
-            compiled = re2.compile(config.pattern, _RE2_OPTIONS)
+            compiled = compile_re2(config.pattern)
             return cls(config.name, compiled.search, _first_group, config.pad_digits)
         assert config.kind is not None
         value_of = _VALUE_OF.get(config.kind, _first_group)
