@@ -344,6 +344,8 @@ class Pipeline:
             await self._run(state, self.to_stitch)
             self._decided(state)
             assert state.context is not None, "the stitch stage sets the context"
+            # The stages in order, each one's finer entries among them (the state has both).
+            state.context.timings_us.clear()
             state.context.timings_us.update(state.timings_us)
             return state.context
 
