@@ -38,6 +38,7 @@ _WHERE: dict[str, tuple[str, ...]] = {
     "bulk_encoder": ("router.routing.encoder",),
     "SERVING_ENCODER_NAME": ("router.routing.encoder",),
     "build_index": ("router.context.collections",),
+    "jsonl_objects": ("router.files",),
     "set_search_params": ("router.context.collections",),
     "CollectionWriter": ("router.context.collections",),
     "ChunkRecord": ("router.context.types",),

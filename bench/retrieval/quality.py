@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import json
 import math
 import os
 import sys
@@ -94,15 +93,8 @@ def _open_text(path: Path) -> io.TextIOBase:
 
 def _records(path: Path) -> Iterator[dict[str, Any]]:
     with _open_text(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: line {number}: invalid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}: line {number}: expected a JSON object")
+        rows = api.jsonl_objects(handle, lambda message: DataError(f"{path}: {message}"))
+        for number, record in rows:
             record_id = record.get("_id", record.get("id"))
             if record_id is None or not isinstance(record.get("text", ""), str):
                 raise DataError(f"{path}: line {number}: expected '_id' and a string 'text'")
