@@ -47,7 +47,6 @@ class Plexus:
         guards_in: Sequence[Stage] = (),
         guards_out: Sequence[OutputGuard] = (),
         recorders: Sequence[Recorder] = (),
-        deciders: Deciders | None = None,
     ):
         self.loaded = loaded
         self.config = loaded.config.server
@@ -58,7 +57,7 @@ class Plexus:
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="plexus-work")
         device = self.config.device
         self.keys = KeyRing(loaded)
-        self.deciders = deciders or Deciders(loaded, lambda: shared_encoder(device))
+        self.deciders = Deciders(loaded, lambda: shared_encoder(device))
         self.collections = {name: TenantCollections.from_config(loaded, name) for name in tenants}
         self.batcher = BatchingEncoder(lambda: shared_encoder(device), self.executor)
         self.sources = ContextSources(loaded, lambda tenant: self.collections[tenant].get)

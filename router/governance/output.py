@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Callable
 
 from router.governance.rules import (
-    NUMBER,
-    PERCENT,
     Governance,
     OutputRule,
     OutputRules,
@@ -41,6 +40,8 @@ from router.stages.output import HeldWindow, ReplaceAnswer
 from router.stages.prep import _BUILT_IN as BUILT_IN_PATTERNS
 
 AMOUNT = BUILT_IN_PATTERNS["amount"]
+NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,:]\d+)*(?![\w])")
+PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s?%")
 REDACTED = "[redacted]"
 
 

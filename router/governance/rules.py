@@ -9,7 +9,6 @@ them.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -20,7 +19,6 @@ from router.config import (
     GovernanceConfig,
     LoadedConfig,
     OutputRuleConfig,
-    TenantConfig,
     compile_re2,
 )
 from router.governance.types import Span
@@ -241,14 +239,3 @@ def warm(rules: TenantGovernance) -> None:
 
 
 _NONE = TenantGovernance()
-
-
-def uses_tenant(tenant: TenantConfig) -> bool:
-    governance = tenant.governance
-    return any(
-        part is not None for part in (governance.pii, governance.injection, governance.output)
-    ) or bool(governance.apps)
-
-
-NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,:]\d+)*(?![\w])")
-PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s?%")
