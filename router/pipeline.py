@@ -16,7 +16,8 @@ unknown app, a tenant without backends, ``max_tokens`` over the backend's limit)
 failure is a gRPC status and the stream never starts. After the first event the stream always
 ends with either a ``FinalEvent`` or an ``ErrorEvent``: ``INTERRUPTED`` (the backend failed
 after tokens were sent), ``UNAVAILABLE`` (every backend of the chain failed before its first
-token), ``DEADLINE_EXCEEDED``, or ``BLOCKED`` (an output guard stopped the answer). Output
+token), ``DEADLINE_EXCEEDED`` (which the gRPC front sends as the call's status, as the
+caller's own deadline would), or ``BLOCKED`` (an output guard stopped the answer). Output
 guards see every delta before the caller does and may hold back a window of text, so they can
 block, redact or restore text in flight.
 """

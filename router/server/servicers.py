@@ -25,6 +25,7 @@ from router._generated.plexus.v1 import plexus_pb2 as pb
 from router.calls import Caller
 from router.config import ConfigError
 from router.errors import FailedPrecondition, InvalidArgument, PlexusError
+from router.pipeline import ErrorEvent
 from router.plexus import Plexus
 from router.server.auth import api_key_from_metadata
 from router.server.convert import (
@@ -171,6 +172,10 @@ class RouterServicer:
             deadline=deadline_of(context),
         )
         async for event in events:
+            if isinstance(event, ErrorEvent) and event.code == "DEADLINE_EXCEEDED":
+                # the caller's deadline has passed: its gRPC stack reports that as the call's
+                # status, so the server says the same rather than racing it with an event
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, event.message)
             yield orchestrate_event_to_proto(event).SerializeToString()
 
 
