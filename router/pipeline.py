@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -109,6 +109,7 @@ class RequestState:
     outcome: str = "OK"
     """``OK``, the status of an error that stopped the request, or a streamed error's code."""
     error: BaseException | None = None
+    recorded: bool = False
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -221,9 +222,11 @@ class OutputGuard(Protocol):
 
 
 class Recorder(Protocol):
-    """record: called once per request with its final state, whatever the outcome."""
+    """record: awaited once per request with its final state, whatever the outcome, before the
+    caller gets the response or the stream's last event (so a recorder that makes its record
+    durable holds the answer back until it is). A recorder that raises fails the request."""
 
-    def record(self, state: RequestState) -> None: ...
+    async def record(self, state: RequestState) -> None: ...
 
 
 # -- the pipeline ----------------------------------------------------------------------------------
@@ -269,9 +272,17 @@ class Pipeline:
             await stage.run(state)
             timings[stage.name] = (clock() - started) // 1000
 
-    @contextmanager
-    def _recorded(self, *states: RequestState) -> Iterator[None]:
-        """Record each state once when the block ends, with the error that ended it, if any."""
+    async def _record(self, *states: RequestState) -> None:
+        for state in states:
+            if not state.recorded:
+                state.recorded = True
+                for recorder in self.recorders:
+                    await recorder.record(state)
+
+    @asynccontextmanager
+    async def _recorded(self, *states: RequestState) -> AsyncIterator[None]:
+        """Record each state once when the block ends (unless it was already), with the error
+        that ended it, if any."""
         try:
             yield
         except BaseException as exc:
@@ -282,12 +293,11 @@ class Pipeline:
             else:
                 outcome = "INTERNAL"
             for state in states:
-                state.error, state.outcome = exc, outcome
+                if not state.recorded:
+                    state.error, state.outcome = exc, outcome
             raise
         finally:
-            for state in states:
-                for recorder in self.recorders:
-                    recorder.record(state)
+            await self._record(*states)
 
     def _decided(self, state: RequestState) -> RouteDecision:
         decision = state.decision
@@ -299,7 +309,7 @@ class Pipeline:
     async def route(self, caller: Caller, query: RouteQuery, rpc: str = "Route") -> RouteDecision:
         """The decision (prep, guard-in, route and policy)."""
         state = RequestState(caller, query, rpc=rpc)
-        with self._recorded(state):
+        async with self._recorded(state):
             await self._run(state, self.to_policy)
             return self._decided(state)
 
@@ -311,7 +321,7 @@ class Pipeline:
         Any request that fails a stage fails the whole batch with that request's status.
         """
         states = [RequestState(caller, q, rpc="RouteBatch", deadline=deadline) for q in queries]
-        with self._recorded(*states):
+        async with self._recorded(*states):
             for stage in self.to_policy:
                 started = time.perf_counter_ns()
                 if stage is self.route_stage:
@@ -341,7 +351,7 @@ class Pipeline:
             budget_tokens=budget_tokens,
             deadline=deadline,
         )
-        with self._recorded(state):
+        async with self._recorded(state):
             await self._run(state, self.to_stitch)
             self._decided(state)
             assert state.context is not None, "the stitch stage sets the context"
@@ -372,12 +382,14 @@ class Pipeline:
             deadline=deadline,
             generates=True,
         )
-        with self._recorded(state):
+        async with self._recorded(state):
             await self._run(state, self.to_stitch)
             assert state.context is not None, "the stitch stage sets the context"
             yield DecisionEvent(self._decided(state))
             yield ContextEvent(state.context)
             async for event in self._answer(state):
+                if isinstance(event, FinalEvent | ErrorEvent):
+                    await self._record(state)  # recorded before the caller sees the end
                 yield event
 
     @staticmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 
 import grpc
@@ -92,11 +93,15 @@ class Recorded:
 
     def __init__(self) -> None:
         self.states: list[RequestState] = []
+        self.done_at: dict[str, float] = {}
         self.lock = threading.Lock()
 
-    def record(self, state: RequestState) -> None:
+    async def record(self, state: RequestState) -> None:
+        if "slow_record" in state.query.metadata:  # a record that takes a while to be durable
+            await asyncio.sleep(0.3)
         with self.lock:
             self.states.append(state)
+            self.done_at[state.query.request_id] = time.monotonic()
 
     def of(self, request_id: str) -> list[RequestState]:
         with self.lock:
@@ -240,6 +245,18 @@ def test_stitch_sees_the_rewritten_text_and_extracted_fields(stub, staged):
     assert "Riverside Commons" in reply.prompt and "Harbor Point" not in reply.prompt
     (state,) = staged.recorded.of(sent.request_id)
     assert state.rpc == "Stitch" and state.context is not None
+
+
+def test_the_last_event_and_the_response_wait_for_the_record(stub, staged):
+    sent = request("can I return headphones I opened?", slow_record="1")
+    events = stub.Orchestrate(pb.OrchestrateRequest(request=sent), metadata=META, timeout=30)
+    for event in events:
+        if event.WhichOneof("event") == "final":
+            final_at = time.monotonic()
+    assert staged.recorded.done_at[sent.request_id] <= final_at
+    sent = request("where is my order", slow_record="1")
+    stub.Route(sent, metadata=META, timeout=20)
+    assert staged.recorded.done_at[sent.request_id] <= time.monotonic()
 
 
 def test_orchestrate_output_guard_rewrites_text_split_over_deltas(stub, staged):
