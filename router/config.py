@@ -35,6 +35,22 @@ class TlsConfig(_Strict):
     client_ca: Path | None = Field(None, description="CA bundle (PEM) that signs client certs")
 
 
+class StateConfig(_Strict):
+    """Where limits, budgets and change notices live: in this process (one replica) or in Redis,
+    shared by every replica of a deployment."""
+
+    kind: Literal["memory", "redis"] = "memory"
+    url: str = Field("", description="redis: redis://HOST:PORT/DB (rediss:// for TLS)")
+    timeout_ms: float = Field(250.0, gt=0, le=60_000, description="per Redis operation")
+    key_prefix: str = Field("plexus:", max_length=64, description="redis: prefix of every key")
+
+    @model_validator(mode="after")
+    def _url(self) -> StateConfig:
+        if self.kind == "redis" and not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("kind redis needs a url such as redis://127.0.0.1:6379/0")
+        return self
+
+
 class ServerConfig(_Strict):
     address: str = "127.0.0.1:50051"
     max_text_chars: int = Field(2000, gt=0, le=1_000_000)
@@ -50,6 +66,7 @@ class ServerConfig(_Strict):
     device: Literal["cpu", "cuda"] = "cpu"
     top_k: int = Field(3, ge=1, le=50)
     tls: TlsConfig | None = None
+    state: StateConfig = StateConfig()
 
     @field_validator("address")
     @classmethod
