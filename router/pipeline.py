@@ -100,6 +100,8 @@ class RequestState:
     """Kinds of PII that reach the backends as the caller wrote them (allowed, not redacted)."""
     chain: tuple[str, ...] = ()
     """The backends to try, in order (policy's choice)."""
+    rules_applied: list[str] = field(default_factory=list)
+    """The names of the policy rules that applied, in order."""
     limits: GenerationLimits | None = None
     context: StitchResult | None = None
     timings_us: dict[str, int] = field(default_factory=dict)
