@@ -54,6 +54,10 @@ class RouteDecision:
     """Per-stage server time of the request so far, filled by the pipeline."""
     findings: list[Any] = field(default_factory=list)
     """What the guards noticed (``router.pipeline.Finding``: types and spans, never values)."""
+    rules_applied: list[str] = field(default_factory=list)
+    """The policy rules that applied, in order."""
+    priority: str = "normal"
+    """The request's priority (``high``, ``normal``, ``low``), as policy set it."""
 
     @property
     def server_us(self) -> int:

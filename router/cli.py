@@ -35,6 +35,7 @@ from typing import Any, NoReturn
 from router.config import ConfigError, LoadedConfig, load_config
 from router.context.ingest_cli import add_ingest_parser, add_mirror_parser
 from router.errors import PlexusError
+from router.policy.cli import add_policy_parser
 
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
@@ -587,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keys_new)
 
     add_mirror_parser(sub, parents=[common])
+    add_policy_parser(sub, parents=[common])
 
     # The suites declare their own flags (bench/run.py): everything after `bench` goes there.
     p = sub.add_parser(

@@ -151,6 +151,8 @@ class Decision:
     timings: Mapping[str, int]
     server_micros: int
     request_id: str
+    rules_applied: tuple[str, ...] = ()
+    priority: str = "normal"
 
     @classmethod
     def from_proto(cls, message: pb.RouteDecision) -> Decision:
@@ -170,6 +172,8 @@ class Decision:
             timings=_timings(message.timings),
             server_micros=message.server_micros,
             request_id=message.request_id,
+            rules_applied=tuple(message.rules_applied),
+            priority=message.priority or "normal",
         )
 
 
@@ -272,6 +276,7 @@ class FinalEvent:
     finish_reason: str
     timings: Mapping[str, int]
     breakers: Mapping[str, str]
+    rules_applied: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -312,6 +317,7 @@ def event_from_proto(message: pb.OrchestrateEvent) -> OrchestrateEvent:
             finish_reason=final.finish_reason,
             timings=_timings(final.timings),
             breakers=dict(final.breakers),
+            rules_applied=tuple(final.rules_applied),
         )
     error = message.error
     return ErrorEvent(error.code, error.message, error.backend)

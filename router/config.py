@@ -416,6 +416,119 @@ class GovernanceConfig(_Strict):
     output: OutputConfig | None = None
 
 
+class RuleWhenConfig(_Strict):
+    """What a policy rule matches; every condition given must hold (an empty one matches all)."""
+
+    apps: list[Name] = Field(default_factory=list, description="the caller's app is one of")
+    keys: list[Name] = Field(default_factory=list, description="the API key's name is one of")
+    routes: list[Name] = Field(default_factory=list, description="the decided route is one of")
+    metadata: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="request metadata key -> allowed values ('*': any value, as long as it is set)",
+    )
+    min_confidence: float | None = Field(None, ge=0, le=1)
+    max_confidence: float | None = Field(None, ge=0, le=1)
+    abstained: bool | None = None
+    findings: list[str] = Field(
+        default_factory=list, description="a governance finding of one of these kinds was made"
+    )
+
+
+class RuleThenConfig(_Strict):
+    """What a policy rule does when it matches."""
+
+    chain: list[Name] | None = Field(
+        None, min_length=1, description="the backends to try, in order, instead of the route's"
+    )
+    max_tokens: int | None = Field(None, ge=1, description="cap the answer's output tokens")
+    context_budget_tokens: int | None = Field(None, ge=16, le=32_768)
+    deny: str | None = Field(None, min_length=1, description="refuse, with this message")
+    escalate_to: Name | None = Field(None, description="send the request to this route instead")
+    priority: Literal["high", "normal", "low"] | None = None
+
+
+class PolicyRuleConfig(_Strict):
+    name: Name
+    when: RuleWhenConfig = RuleWhenConfig()
+    then: RuleThenConfig
+    keep_going: bool = Field(
+        False, alias="continue", description="after this rule applies, go on to the next ones"
+    )
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class RateConfig(_Strict):
+    """``rate`` units per ``per_seconds``, ``burst`` at once above the steady rate."""
+
+    rate: float = Field(gt=0)
+    per_seconds: float = Field(60.0, gt=0, le=31 * 86400)
+    burst: int | None = Field(None, ge=1, description="default: the rate, at least 1")
+
+    @property
+    def burst_units(self) -> int:
+        return self.burst if self.burst is not None else max(1, int(self.rate))
+
+
+class RateLimitConfig(_Strict):
+    name: Name
+    per: Literal["tenant", "key", "app", "user"]
+    apps: list[Name] = Field(default_factory=list, description="only for these apps (default all)")
+    requests: RateConfig | None = None
+    tokens: RateConfig | None = Field(
+        None, description="prompt plus max_tokens of generating calls, taken before the backend"
+    )
+
+    @model_validator(mode="after")
+    def _some(self) -> RateLimitConfig:
+        if self.requests is None and self.tokens is None:
+            raise ValueError("a rate limit needs requests, tokens or both")
+        return self
+
+
+class BudgetConfig(_Strict):
+    name: Name
+    per: Literal["tenant", "app", "user"]
+    period: Literal["day", "month"] = Field(description="UTC calendar day or month")
+    apps: list[Name] = Field(default_factory=list, description="only for these apps (default all)")
+    tokens: int | None = Field(None, ge=1)
+    cost: float | None = Field(None, gt=0, description="in the currency of the backends' prices")
+
+    @model_validator(mode="after")
+    def _some(self) -> BudgetConfig:
+        if self.tokens is None and self.cost is None:
+            raise ValueError("a budget needs tokens, cost or both")
+        return self
+
+
+class PolicyConfig(_Strict):
+    """A tenant's business rules, rate limits and budgets (see router/policy/)."""
+
+    rules: list[PolicyRuleConfig] = Field(default_factory=list)
+    rate_limits: list[RateLimitConfig] = Field(default_factory=list)
+    budgets: list[BudgetConfig] = Field(default_factory=list)
+    user_field: str = Field("user", description="the request metadata key that names the user")
+    on_state_error: Literal["fail_open", "fail_closed"] | None = Field(
+        None,
+        description="when the limits' store cannot answer: admit (fail_open) or refuse with "
+        "UNAVAILABLE (fail_closed); required with rate_limits or budgets",
+    )
+
+    @model_validator(mode="after")
+    def _explicit(self) -> PolicyConfig:
+        if (self.rate_limits or self.budgets) and self.on_state_error is None:
+            raise ValueError(
+                "on_state_error: choose fail_open or fail_closed for when the limits' store "
+                "cannot answer"
+            )
+        for field_name in ("rules", "rate_limits", "budgets"):
+            names = [item.name for item in getattr(self, field_name)]
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise ValueError(f"{field_name}: duplicate names {duplicates}")
+        return self
+
+
 class TenantConfig(_Strict):
     api_keys: list[ApiKeyConfig] = Field(min_length=1)
     apps: dict[Name, AppConfig] = Field(min_length=1)
@@ -426,6 +539,7 @@ class TenantConfig(_Strict):
     backends: dict[Name, BackendConfig] = Field(default_factory=dict)
     extractors: list[ExtractorConfig] = Field(default_factory=list)
     governance: GovernanceConfig = GovernanceConfig()
+    policy: PolicyConfig = PolicyConfig()
 
     @model_validator(mode="after")
     def _references(self) -> TenantConfig:
@@ -450,6 +564,7 @@ class TenantConfig(_Strict):
             unknown = sorted(set(rule.routes or ()) - known)
             if unknown:
                 raise ValueError(f"governance.output.rules.{j}.routes: unknown routes {unknown}")
+        self._policy_references(known)
         for i, key in enumerate(self.api_keys):
             unknown = sorted(set(key.apps or ()) - set(self.apps))
             if unknown:
@@ -484,6 +599,34 @@ class TenantConfig(_Strict):
                             f"query's placeholders {sorted(placeholders)}"
                         )
         return self
+
+    def _policy_references(self, routes: set[str]) -> None:
+        apps, keys = set(self.apps), {k.name for k in self.api_keys}
+        for i, rule in enumerate(self.policy.rules):
+            where = f"policy.rules.{i}"
+            for field_name, names, known in (
+                ("when.apps", rule.when.apps, apps),
+                ("when.keys", rule.when.keys, keys),
+                ("when.routes", rule.when.routes, routes),
+                ("then.chain", rule.then.chain or (), set(self.backends)),
+            ):
+                unknown = sorted(set(names) - known)
+                if unknown:
+                    raise ValueError(
+                        f"{where}.{field_name}: unknown {unknown}; known {sorted(known)}"
+                    )
+            if rule.then.escalate_to is not None and rule.then.escalate_to not in routes:
+                raise ValueError(
+                    f"{where}.then.escalate_to: {rule.then.escalate_to!r} is not one of the "
+                    f"routes {sorted(routes)}"
+                )
+            if rule.then.chain and rule.then.escalate_to:
+                raise ValueError(f"{where}.then: chain and escalate_to exclude each other")
+        for field_name in ("rate_limits", "budgets"):
+            for i, item in enumerate(getattr(self.policy, field_name)):
+                unknown = sorted(set(item.apps) - apps)
+                if unknown:
+                    raise ValueError(f"policy.{field_name}.{i}.apps: unknown apps {unknown}")
 
     def route(self, name: str) -> RouteConfig:
         for route in self.routes:

@@ -154,6 +154,7 @@ class FinalEvent:
     timings_us: dict[str, int]
     breakers: dict[str, str] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
+    rules_applied: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -308,6 +309,13 @@ class Pipeline:
         decision.findings = list(state.findings)
         return decision
 
+    async def prepare(self, caller: Caller, query: RouteQuery) -> RequestState:
+        """The state as policy would see it: every stage before policy, run and not recorded
+        (for tools such as ``plexus policy explain``)."""
+        state = RequestState(caller, query, rpc="Explain")
+        await self._run(state, self.to_policy[:-1])
+        return state
+
     async def route(self, caller: Caller, query: RouteQuery, rpc: str = "Route") -> RouteDecision:
         """The decision (prep, guard-in, route and policy)."""
         state = RequestState(caller, query, rpc=rpc)
@@ -452,6 +460,7 @@ class Pipeline:
                         timings_us=dict(state.timings_us),
                         breakers=generator.breakers(state),
                         findings=list(state.findings),
+                        rules_applied=list(state.rules_applied),
                     )
                     yield state.final
         except OutputBlocked as exc:

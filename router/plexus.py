@@ -63,6 +63,7 @@ class Plexus:
         self.sources = ContextSources(loaded, lambda tenant: self.collections[tenant].get)
         self.backend_pools = {name: BackendPool(t.backends) for name, t in tenants.items()}
         self.governance = Governance(loaded)
+        self.policy = ConfiguredChain(tenants, self.governance)
         self.pipeline = Pipeline(
             prep=Prep.from_config(loaded),
             guards_in=[
@@ -72,7 +73,7 @@ class Plexus:
             ],
             route=Route(self.deciders, self.batcher, self.executor),
             route_guards=[AppIntentRules(self.governance)],
-            policy=ConfiguredChain(tenants, self.governance),
+            policy=self.policy,
             stitch=Stitch(self.sources, self.batcher, self.executor),
             generate=Generate(
                 self.backend_pools, {name: t.backends for name, t in tenants.items()}
@@ -94,15 +95,24 @@ class Plexus:
         if self.uses_encoder():
             await self.batcher.encode("warm up")
 
-    def reload_governance(self, tenant: str) -> LoadedConfig:
+    def reload_rules(self, tenant: str) -> LoadedConfig:
         """Validate the whole configuration file again, then swap in ``tenant``'s governance
-        rules (a bad file raises ConfigError and the rules in force keep serving)."""
+        and policy rules (a bad file raises ConfigError and the rules in force keep serving).
+        Routes and backends are built at start: a file that changes them is refused."""
         loaded = load_config(self.loaded.path)
         if tenant not in loaded.config.tenants:
             raise ConfigError(f"{self.loaded.path}: tenants: tenant {tenant!r} is gone")
-        rules = compile_rules(loaded.config.tenants[tenant].governance, loaded)
+        new, running = loaded.config.tenants[tenant], self.loaded.config.tenants[tenant]
+        for part in ("routes", "backends"):
+            if getattr(new, part) != getattr(running, part):
+                raise ConfigError(
+                    f"{self.loaded.path}: tenants.{tenant}.{part}: changed; {part} change on a "
+                    "restart, not on a reload"
+                )
+        rules = compile_rules(new.governance, loaded)
         warm(rules)  # its detectors load before the swap, not on the next request
         self.governance.swap(tenant, rules)
+        self.policy.swap(tenant, new)
         return loaded
 
     async def aclose(self) -> None:

@@ -54,6 +54,10 @@ def decision_to_proto(decision: RouteDecision) -> pb.RouteDecision:
         message.extracted.update(decision.extracted)
     if decision.findings:
         message.findings.extend(findings_to_proto(decision.findings))
+    if decision.rules_applied:
+        message.rules_applied.extend(decision.rules_applied)
+    if decision.priority != "normal":
+        message.priority = decision.priority
     return message
 
 
@@ -208,6 +212,7 @@ def orchestrate_event_to_proto(event: OrchestrateEvent) -> pb.OrchestrateEvent:
                 timings=_timings(event.timings_us),
                 breakers=event.breakers,
                 findings=findings_to_proto(event.findings),
+                rules_applied=event.rules_applied,
             )
         )
     return pb.OrchestrateEvent(

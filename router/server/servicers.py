@@ -208,11 +208,11 @@ class AdminServicer:
         parse(pb.ReloadConfigRequest, data)
         self.plexus.deciders.admin_tenant(caller)
         try:
-            await self._off_loop(self.plexus.reload_governance, caller.tenant)
+            await self._off_loop(self.plexus.reload_rules, caller.tenant)
         except ConfigError as exc:
             raise FailedPrecondition(f"the configuration was refused: {exc}") from None
         return pb.ReloadConfigResponse(
-            tenant=caller.tenant, message="governance rules reloaded"
+            tenant=caller.tenant, message="governance and policy rules reloaded"
         ).SerializeToString()
 
     @rpc

@@ -15,9 +15,29 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from router.config import TenantConfig
-from router.errors import FailedPrecondition, InvalidArgument
+from router.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from router.governance.rules import Governance
 from router.pipeline import Finding, GenerationLimits, RequestState
+from router.policy.rules import CompiledPolicy, PolicyFacts, PolicyOutcome
+
+
+def policy_facts(state: RequestState) -> PolicyFacts:
+    """What the rules see of a request that has been routed."""
+    decision = state.decision
+    assert decision is not None, "policy runs after route"
+    metadata = state.metadata
+    tier = state.query.user_tier
+    if tier and "tier" not in metadata:
+        metadata = {**metadata, "tier": tier}
+    return PolicyFacts(
+        app=state.query.app,
+        key=state.caller.key_name,
+        metadata=metadata,
+        route=decision.route,
+        confidence=decision.confidence,
+        abstained=decision.abstained,
+        findings=frozenset(f.kind for f in state.findings),
+    )
 
 
 class ConfiguredChain:
@@ -35,9 +55,20 @@ class ConfiguredChain:
             name: {b: frozenset(c.certifications) for b, c in tenant.backends.items()}
             for name, tenant in tenants.items()
         }
+        self.rules = {
+            name: CompiledPolicy(tenant.policy.rules, [r.name for r in tenant.routes])
+            for name, tenant in tenants.items()
+        }
+
+    def swap(self, tenant: str, config: TenantConfig) -> None:
+        """Serve ``tenant``'s policy rules from ``config`` from now on (backends and routes are
+        the running ones: a reload that changes them is refused before this)."""
+        self.rules[tenant] = CompiledPolicy(config.policy.rules, [r.name for r in config.routes])
 
     async def run(self, state: RequestState) -> None:
         tenant = state.caller.tenant
+        rules = self.rules[tenant]
+        outcome = self._apply_rules(state, rules.decide(policy_facts(state))) if rules else None
         chains = self.chains.get(tenant)
         assert state.decision is not None, "policy runs after route"
         if chains is None:
@@ -45,6 +76,8 @@ class ConfiguredChain:
                 raise FailedPrecondition(f"tenant {tenant!r} has no backends configured")
             return
         state.chain = chains[state.decision.route]
+        if outcome is not None and outcome.chain is not None:
+            state.chain = outcome.chain
         if state.raw_data:
             self._certified_only(state)
         if state.generates:
@@ -54,7 +87,33 @@ class ConfiguredChain:
                 raise InvalidArgument(
                     f"max_tokens {state.max_tokens} exceeds the backend's {limit}"
                 )
-            state.limits = GenerationLimits(state.max_tokens or limit, first.temperature)
+            max_tokens = state.max_tokens or limit
+            if outcome is not None and outcome.max_tokens is not None:
+                max_tokens = min(max_tokens, outcome.max_tokens)
+            state.limits = GenerationLimits(max_tokens, first.temperature)
+
+    def _apply_rules(self, state: RequestState, outcome: PolicyOutcome) -> PolicyOutcome:
+        """Act on what the rules decided, except the chain and the token cap (``run`` does)."""
+        decision = state.decision
+        assert decision is not None
+        state.rules_applied = decision.rules_applied = outcome.applied
+        if outcome.deny is not None:
+            raise PermissionDenied(f"refused by policy rule {outcome.denied_by!r}: {outcome.deny}")
+        if outcome.priority is not None:
+            decision.priority = outcome.priority
+        if outcome.escalate_to is not None and outcome.escalate_to != decision.route:
+            route = self.tenants[state.caller.tenant].route(outcome.escalate_to)
+            state.findings.append(
+                Finding(self.name, "escalated", f"{decision.route} -> {route.name}", action="route")
+            )
+            decision.route, decision.target = route.name, route.target
+            decision.route_metadata = dict(route.metadata)
+        budget = outcome.context_budget_tokens
+        if budget is not None and (state.budget_tokens is None or budget < state.budget_tokens):
+            context = self.tenants[state.caller.tenant].route(decision.route).context
+            if context is not None and budget < context.budget_tokens:
+                state.budget_tokens = budget
+        return outcome
 
     def _certified_only(self, state: RequestState) -> None:
         rules = self.governance.of(state.caller.tenant).pii

@@ -1,0 +1,1 @@
+"""Per-tenant policy: business rules (``rules``), and rate limits and budgets (``limits``)."""

@@ -1,0 +1,97 @@
+"""``plexus policy explain``: what a tenant's policy rules decide for one request, and why."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Any
+
+
+def _pairs(values: list[str] | None) -> dict[str, str]:
+    from router.cli import CliError
+
+    pairs: dict[str, str] = {}
+    for value in values or ():
+        key, sep, item = value.partition("=")
+        if not sep or not key:
+            raise CliError(f"--meta {value!r}: expected KEY=VALUE, e.g. tier=platinum")
+        pairs[key] = item
+    return pairs
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    from router.calls import Caller, RouteQuery
+    from router.cli import CliError, _single_tenant
+    from router.config import load_config
+    from router.plexus import Plexus
+    from router.stages.policy import policy_facts
+
+    loaded = load_config(args.config)
+    tenant = _single_tenant(loaded, args.tenant)
+    config = loaded.config.tenants[tenant]
+    if args.app not in config.apps:
+        raise CliError(f"app {args.app!r} is not one of {sorted(config.apps)}")
+    key = next((k for k in config.api_keys if k.name == args.key), None)
+    if args.key and key is None:
+        raise CliError(f"key {args.key!r} is not one of {[k.name for k in config.api_keys]}")
+    caller = Caller(tenant, args.key or "cli", admin=False, apps=None)
+    query = RouteQuery(args.app, args.text, _pairs(args.meta), args.tier)
+
+    async def explain() -> dict[str, Any]:
+        plexus = Plexus(loaded)
+        try:
+            state = await plexus.pipeline.prepare(caller, query)
+            facts = policy_facts(state)
+            outcome, traces = plexus.policy.rules[tenant].explain(facts)
+            decision = state.decision
+            assert decision is not None
+            routed = {"route": decision.route, "confidence": round(decision.confidence, 4)}
+            routed["abstained"] = decision.abstained
+            error = None
+            try:
+                await plexus.policy.run(state)
+            except Exception as exc:  # noqa: BLE001 - explained, not raised
+                error = f"{getattr(exc, 'status', type(exc).__name__)}: {exc}"
+            return {
+                "decision": routed,
+                "metadata": dict(facts.metadata),
+                "findings": sorted(facts.findings),
+                "rules": [{"rule": t.name, "matched": t.matched, "why": t.reason} for t in traces],
+                "outcome": {
+                    "applied": outcome.applied,
+                    "route": decision.route,
+                    "chain": list(state.chain),
+                    "max_tokens": outcome.max_tokens,
+                    "context_budget_tokens": state.budget_tokens,
+                    "priority": decision.priority,
+                    "refused": error,
+                },
+            }
+        finally:
+            await plexus.aclose()
+
+    from router.cli import _print_json
+
+    _print_json(asyncio.run(explain()))
+    return 0
+
+
+def add_policy_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    policy = sub.add_parser("policy", parents=parents, help="explain a tenant's policy rules")
+    verbs = policy.add_subparsers(dest="verb", required=True, metavar="{explain}")
+    p = verbs.add_parser(
+        "explain",
+        parents=parents,
+        help="route one text in process and show which rules apply and why (no server)",
+        description="plexus policy explain CONFIG --app APP --text TEXT [--meta tier=platinum] "
+        "[--key NAME] [--tenant T]",
+    )
+    p.add_argument("config", type=Path)
+    p.add_argument("--tenant", help="the tenant (default: the only one)")
+    p.add_argument("--app", required=True)
+    p.add_argument("--text", required=True)
+    p.add_argument("--key", help="the API key's name the rules see (default: none)")
+    p.add_argument("--tier", default="", help="the request's user tier")
+    p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="request metadata")
+    p.set_defaults(func=cmd_policy_explain)
