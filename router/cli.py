@@ -1,5 +1,5 @@
-"""The plexus command: serve, train, route, models, collections, keys, mirror, ingest, bench,
-demo.
+"""The plexus command: serve, train, route, models, collections, keys, mirror, ingest, export,
+import, bench, demo.
 
 Every error is one line on stderr, "plexus: error: WHAT; WHAT TO DO"; -v (before or after the
 command) adds the detail: the traceback and INFO logs. The exit status names the class:
@@ -32,6 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
+from router.bundle_cli import add_bundle_parsers, add_serve_bundle_arguments, serve_bundle
 from router.config import ConfigError, LoadedConfig, load_config
 from router.context.ingest_cli import add_ingest_parser, add_mirror_parser
 from router.errors import PlexusError
@@ -304,6 +305,8 @@ def check_address(address: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if getattr(args, "bundle", None) or not args.config:
+        return serve_bundle(args, cmd_serve)
     loaded = load_config(args.config)
     address = args.address or loaded.config.server.address
     check_address(address)
@@ -495,8 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", parents=[common], help="serve the gRPC API until SIGTERM/SIGINT")
-    p.add_argument("config", type=Path)
+    p.add_argument("config", type=Path, nargs="?", help="the configuration (or --bundle FILE)")
     p.add_argument("--address", help="HOST:PORT to listen on (overrides server.address)")
+    add_serve_bundle_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
@@ -588,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keys_new)
 
     add_mirror_parser(sub, parents=[common])
+    add_bundle_parsers(sub, parents=[common])
     add_policy_parser(sub, parents=[common])
 
     # The suites declare their own flags (bench/run.py): everything after `bench` goes there.
