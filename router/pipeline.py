@@ -102,6 +102,10 @@ class RequestState:
     """The backends to try, in order (policy's choice)."""
     rules_applied: list[str] = field(default_factory=list)
     """The names of the policy rules that applied, in order."""
+    held: object | None = None
+    """What the request holds in its budgets until the answer ends (``policy.limits.Held``)."""
+    settled: dict[str, int] | None = None
+    """What the answer was counted at in the budgets: ``tokens`` and ``cost`` (micro-units)."""
     limits: GenerationLimits | None = None
     context: StitchResult | None = None
     timings_us: dict[str, int] = field(default_factory=dict)
@@ -224,6 +228,17 @@ class OutputGuard(Protocol):
         ...
 
 
+class Reserving(Protocol):
+    """run: before the backend is called, after stitch (a refusal is a status: nothing has been
+    streamed yet); settle: once when the answer ends, however it ends (before record)."""
+
+    name: str
+
+    async def run(self, state: RequestState) -> None: ...
+
+    async def settle(self, state: RequestState) -> None: ...
+
+
 class Recorder(Protocol):
     """record: awaited once per request with its final state, whatever the outcome, before the
     caller gets the response or the stream's last event (so a recorder that makes its record
@@ -254,11 +269,14 @@ class Pipeline:
         route_guards: Sequence[Stage] = (),
         guards_out: Sequence[OutputGuard] = (),
         recorders: Sequence[Recorder] = (),
+        budget: Reserving | None = None,
     ):
         """``guards_in`` run before route; ``route_guards`` right after it (rules that need the
         decision, such as refusing an abstained intent), before policy."""
         self.to_policy: tuple[Stage, ...] = (prep, *guards_in, route, *route_guards, policy)
         self.to_stitch: tuple[Stage, ...] = (*self.to_policy, stitch)
+        self.to_generate: tuple[Stage, ...] = (*self.to_stitch, *([budget] if budget else []))
+        self.budget = budget
         self.prep = prep
         self.guards_in = tuple(guards_in)
         self.route_stage = route
@@ -393,14 +411,22 @@ class Pipeline:
             generates=True,
         )
         async with self._recorded(state):
-            await self._run(state, self.to_stitch)
-            assert state.context is not None, "the stitch stage sets the context"
-            yield DecisionEvent(self._decided(state))
-            yield ContextEvent(state.context)
-            async for event in self._answer(state):
-                if isinstance(event, FinalEvent | ErrorEvent):
-                    await self._record(state)  # recorded before the caller sees the end
-                yield event
+            try:
+                await self._run(state, self.to_generate)
+                assert state.context is not None, "the stitch stage sets the context"
+                yield DecisionEvent(self._decided(state))
+                yield ContextEvent(state.context)
+                async for event in self._answer(state):
+                    if isinstance(event, FinalEvent | ErrorEvent):
+                        await self._settle(state)
+                        await self._record(state)  # recorded before the caller sees the end
+                    yield event
+            finally:
+                await self._settle(state)  # failed or cancelled: before the record, too
+
+    async def _settle(self, state: RequestState) -> None:
+        if self.budget is not None and state.held is not None:
+            await self.budget.settle(state)
 
     @staticmethod
     def _release(state: RequestState, watches: Sequence[tuple[str, OutputWatch]], text: str) -> str:

@@ -28,13 +28,16 @@ from router.governance.output import OutputChecks, RestorePlaceholders
 from router.governance.rules import Governance, compile_rules, warm
 from router.keys import KeyRing
 from router.pipeline import OutputGuard, Pipeline, Recorder, Stage
+from router.policy.limits import Limits
 from router.routing.decider import Deciders
 from router.routing.encoder import shared_encoder
+from router.stages.budget import Budget
 from router.stages.generate import Generate
 from router.stages.policy import ConfiguredChain
 from router.stages.prep import Prep
 from router.stages.route import Route
 from router.stages.stitch import Stitch
+from router.state import open_store
 
 
 class Plexus:
@@ -63,7 +66,9 @@ class Plexus:
         self.sources = ContextSources(loaded, lambda tenant: self.collections[tenant].get)
         self.backend_pools = {name: BackendPool(t.backends) for name, t in tenants.items()}
         self.governance = Governance(loaded)
-        self.policy = ConfiguredChain(tenants, self.governance)
+        self.state = open_store(self.config.state)
+        self.limits = Limits(tenants, self.state)
+        self.policy = ConfiguredChain(tenants, self.governance, self.limits)
         self.pipeline = Pipeline(
             prep=Prep.from_config(loaded),
             guards_in=[
@@ -80,6 +85,7 @@ class Plexus:
             ),
             guards_out=[RestorePlaceholders(), OutputChecks(self.governance), *guards_out],
             recorders=recorders,
+            budget=Budget(self.limits),
         )
 
     def uses_encoder(self) -> bool:
@@ -120,3 +126,4 @@ class Plexus:
         self.sources.close()
         for pool in self.backend_pools.values():
             await pool.aclose()
+        await self.state.aclose()

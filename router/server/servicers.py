@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
@@ -27,6 +28,7 @@ from router.config import ConfigError
 from router.errors import FailedPrecondition, InvalidArgument, PlexusError
 from router.pipeline import ErrorEvent
 from router.plexus import Plexus
+from router.policy.limits import read_usage
 from router.server.auth import api_key_from_metadata
 from router.server.convert import (
     collection_status_to_proto,
@@ -54,6 +56,14 @@ def parse(message_type: type[M], data: bytes) -> M:
 
 async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     if isinstance(exc, PlexusError):
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:  # as HTTP's Retry-After (whole seconds), and exactly
+            context.set_trailing_metadata(
+                (
+                    ("retry-after", str(math.ceil(retry_after))),
+                    ("retry-after-ms", str(math.ceil(retry_after * 1000))),
+                )
+            )
         await context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
     log.exception("unexpected error")
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server logged it")
@@ -216,6 +226,32 @@ class AdminServicer:
         ).SerializeToString()
 
     @rpc
+    async def get_usage(
+        self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        request = parse(pb.GetUsageRequest, data)
+        self.plexus.deciders.admin_tenant(caller)
+        rows = await read_usage(self.plexus.limits, caller.tenant, request.user or None)
+        return pb.GetUsageResponse(
+            tenant=caller.tenant,
+            budgets=[
+                pb.BudgetUsage(
+                    budget=r.budget,
+                    per=r.per,
+                    scope=r.scope,
+                    unit=r.unit,
+                    period=r.period,
+                    window=r.window,
+                    used=r.used,
+                    reserved=r.reserved,
+                    limit=r.limit,
+                    remaining=r.remaining,
+                )
+                for r in rows
+            ],
+        ).SerializeToString()
+
+    @rpc
     async def list_models(
         self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
@@ -266,6 +302,7 @@ def generic_handlers(
         "Rollback": unary(admin_servicer.rollback, _identity, _identity),
         "ReloadCollection": unary(admin_servicer.reload_collection, _identity, _identity),
         "ReloadConfig": unary(admin_servicer.reload_config, _identity, _identity),
+        "GetUsage": unary(admin_servicer.get_usage, _identity, _identity),
     }
     return [
         grpc.method_handlers_generic_handler("plexus.v1.Router", router_methods),

@@ -18,6 +18,7 @@ from router.config import TenantConfig
 from router.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from router.governance.rules import Governance
 from router.pipeline import Finding, GenerationLimits, RequestState
+from router.policy.limits import Limits
 from router.policy.rules import CompiledPolicy, PolicyFacts, PolicyOutcome
 
 
@@ -43,9 +44,15 @@ def policy_facts(state: RequestState) -> PolicyFacts:
 class ConfiguredChain:
     name = "policy"
 
-    def __init__(self, tenants: Mapping[str, TenantConfig], governance: Governance):
+    def __init__(
+        self,
+        tenants: Mapping[str, TenantConfig],
+        governance: Governance,
+        limits: Limits | None = None,
+    ):
         self.tenants = tenants
         self.governance = governance
+        self.limits = limits
         self.chains = {
             name: {route.name: (route.target, *route.fallbacks) for route in tenant.routes}
             for name, tenant in tenants.items()
@@ -61,14 +68,18 @@ class ConfiguredChain:
         }
 
     def swap(self, tenant: str, config: TenantConfig) -> None:
-        """Serve ``tenant``'s policy rules from ``config`` from now on (backends and routes are
-        the running ones: a reload that changes them is refused before this)."""
+        """Serve ``tenant``'s policy rules and limits from ``config`` from now on (backends and
+        routes are the running ones: a reload that changes them is refused before this)."""
         self.rules[tenant] = CompiledPolicy(config.policy.rules, [r.name for r in config.routes])
+        if self.limits is not None:
+            self.limits.swap(tenant, config)
 
     async def run(self, state: RequestState) -> None:
         tenant = state.caller.tenant
         rules = self.rules[tenant]
         outcome = self._apply_rules(state, rules.decide(policy_facts(state))) if rules else None
+        if self.limits is not None:
+            await self.limits.admit(state)
         chains = self.chains.get(tenant)
         assert state.decision is not None, "policy runs after route"
         if chains is None:
