@@ -42,6 +42,7 @@ from router._generated.plexus.v1 import plexus_pb2_grpc as pb_grpc
 __all__ = [
     "Alternative",
     "AsyncPlexusClient",
+    "BudgetUsage",
     "CollectionStatus",
     "ContextEvent",
     "ContextPacket",
@@ -324,6 +325,37 @@ def event_from_proto(message: pb.OrchestrateEvent) -> OrchestrateEvent:
 
 
 @dataclass(frozen=True)
+class BudgetUsage:
+    """One budget window (``plexus.v1.BudgetUsage``): tokens, or cost in the prices' currency."""
+
+    budget: str
+    per: str
+    scope: str
+    unit: str
+    period: str
+    window: str
+    used: float
+    reserved: float
+    limit: float
+    remaining: float
+
+    @classmethod
+    def from_proto(cls, message: pb.BudgetUsage) -> BudgetUsage:
+        return cls(
+            message.budget,
+            message.per,
+            message.scope,
+            message.unit,
+            message.period,
+            message.window,
+            message.used,
+            message.reserved,
+            message.limit,
+            message.remaining,
+        )
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     version: str
     family: str
@@ -600,6 +632,12 @@ class PlexusClient(_Base):
         reply = self._call(self._admin.ListModels, pb.ListModelsRequest(), self._timeout(timeout))
         return [ModelInfo.from_proto(m) for m in reply.models]
 
+    def get_usage(self, user: str = "", *, timeout: float | None = None) -> list[BudgetUsage]:
+        """The tenant's budgets in their current windows (and ``user``'s per-user ones)."""
+        request = pb.GetUsageRequest(user=user)
+        reply = self._call(self._admin.GetUsage, request, self._timeout(timeout))
+        return [BudgetUsage.from_proto(b) for b in reply.budgets]
+
     def load_model(
         self, version: str = "", force: bool = False, *, timeout: float | None = None
     ) -> ModelStatus:
@@ -767,6 +805,11 @@ class AsyncPlexusClient(_Base):
             self._admin.ListModels, pb.ListModelsRequest(), self._timeout(timeout)
         )
         return [ModelInfo.from_proto(m) for m in reply.models]
+
+    async def get_usage(self, user: str = "", *, timeout: float | None = None) -> list[BudgetUsage]:
+        request = pb.GetUsageRequest(user=user)
+        reply = await self._call(self._admin.GetUsage, request, self._timeout(timeout))
+        return [BudgetUsage.from_proto(b) for b in reply.budgets]
 
     async def load_model(
         self, version: str = "", force: bool = False, *, timeout: float | None = None

@@ -306,3 +306,25 @@ def test_an_unreachable_store_fails_closed_then_recovers(channel, served):
             threading.Event().wait(0.1)
     else:
         pytest.fail("the store did not recover after Redis came back")
+
+
+def test_plexus_usage_prints_the_windows(served, capsys):
+    running, redis, _ = served
+    from router.cli import main
+
+    user = uuid.uuid4().hex
+    with grpc.insecure_channel(running.address) as channel:
+        assert isinstance(orchestrate(channel, "claims", user), list)
+    argv = ["usage", "--remote", running.address, "--api-key", ADMIN_KEY, "--user", user]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    roomy = next(line for line in lines if line.startswith("roomy"))
+    assert f"user={user}"[:20] in roomy and roomy.endswith("tokens")
+    assert any(line.startswith("spend") and line.endswith("cost") for line in lines)
+    config = str(running.server.loaded.path)
+    if redis is None:  # the counters live inside the server
+        assert main(["usage", config, "--tenant", "retail"]) == 2
+        assert "--remote" in capsys.readouterr().err
+    else:  # straight from the shared store
+        assert main(["usage", config, "--tenant", "retail", "--user", user]) == 0
+        assert roomy in capsys.readouterr().out.splitlines()

@@ -77,6 +77,71 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_usage(rows: list[Any]) -> None:
+    if not rows:
+        print("no budgets configured (or none for this user)")
+        return
+    print(
+        f"{'budget':<24} {'scope':<20} {'window':<11} {'used':>14} {'reserved':>12} {'limit':>14}"
+    )
+    for r in rows:
+        digits = 0 if r.unit == "tokens" else 4
+        print(
+            f"{r.budget:<24} {r.per + '=' + r.scope:<20.20} {r.window:<11} "
+            f"{r.used:>14,.{digits}f} {r.reserved:>12,.{digits}f} {r.limit:>14,.{digits}f}"
+            f"  {r.unit}"
+        )
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from router.cli import CliError, _no_config_with_remote, _remote_client, _single_tenant
+
+    if args.remote:
+        _no_config_with_remote(args)
+        with _remote_client(args) as client:
+            _print_usage(client.get_usage(args.user or ""))
+        return 0
+    if not args.config:
+        raise CliError("give CONFIG (with a Redis state store), or --remote HOST:PORT")
+    from router.config import load_config
+    from router.policy.limits import Limits, read_usage
+    from router.state import open_store
+
+    loaded = load_config(args.config)
+    tenant = _single_tenant(loaded, args.tenant)
+    if loaded.config.server.state.kind != "redis":
+        raise CliError(
+            "this configuration keeps its counters inside the server (server.state: memory): "
+            "ask the server with --remote HOST:PORT --api-key ADMIN_KEY"
+        )
+
+    async def read() -> list[Any]:
+        store = open_store(loaded.config.server.state)
+        try:
+            return await read_usage(Limits(loaded.config.tenants, store), tenant, args.user)
+        finally:
+            await store.aclose()
+
+    _print_usage(asyncio.run(read()))
+    return 0
+
+
+def add_usage_parser(
+    sub: Any, parents: list[argparse.ArgumentParser], remote: argparse.ArgumentParser
+) -> None:
+    p = sub.add_parser(
+        "usage",
+        parents=[*parents, remote],
+        help="budgets used, reserved and left in their current windows",
+        description="From a running server: plexus usage --remote HOST:PORT --api-key "
+        "ADMIN_KEY [--user U]. From the shared Redis store: plexus usage CONFIG [--tenant T].",
+    )
+    p.add_argument("config", type=Path, nargs="?", metavar="CONFIG")
+    p.add_argument("--tenant", help="from CONFIG: the tenant (default: the only one)")
+    p.add_argument("--user", help="also this user's per-user budgets")
+    p.set_defaults(func=cmd_usage)
+
+
 def add_policy_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     policy = sub.add_parser("policy", parents=parents, help="explain a tenant's policy rules")
     verbs = policy.add_subparsers(dest="verb", required=True, metavar="{explain}")
