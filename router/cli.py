@@ -36,7 +36,7 @@ from router.bundle_cli import add_bundle_parsers, add_serve_bundle_arguments, se
 from router.config import ConfigError, LoadedConfig, load_config
 from router.context.ingest_cli import add_ingest_parser, add_mirror_parser
 from router.errors import PlexusError
-from router.policy.cli import add_policy_parser
+from router.policy.cli import add_policy_parser, add_usage_parser
 
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
@@ -594,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mirror_parser(sub, parents=[common])
     add_bundle_parsers(sub, parents=[common])
     add_policy_parser(sub, parents=[common])
+    add_usage_parser(sub, [common], remote)
 
     # The suites declare their own flags (bench/run.py): everything after `bench` goes there.
     p = sub.add_parser(
