@@ -36,6 +36,7 @@ from router.bundle_cli import add_bundle_parsers, add_serve_bundle_arguments, se
 from router.config import ConfigError, LoadedConfig, load_config
 from router.context.ingest_cli import add_ingest_parser, add_mirror_parser
 from router.errors import PlexusError
+from router.observe.audit_cli import add_audit_parser
 from router.policy.cli import add_policy_parser, add_usage_parser
 
 EXIT_INTERNAL = 1
@@ -592,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keys_new)
 
     add_mirror_parser(sub, parents=[common])
+    add_audit_parser(sub, parents=[common])
     add_bundle_parsers(sub, parents=[common])
     add_policy_parser(sub, parents=[common])
     add_usage_parser(sub, [common], remote)

@@ -51,6 +51,27 @@ class StateConfig(_Strict):
         return self
 
 
+class AuditConfig(_Strict):
+    """A tenant's audit trail: one hash-chained record per request, durable before the answer.
+
+    On by default: an audit that must be switched on is one that is missing when it is needed.
+    """
+
+    enabled: bool = True
+    raw_text: bool = Field(
+        False, description="also keep the prompt and answer text (as redacted), not only hashes"
+    )
+    checkpoint_records: int = Field(
+        1000, ge=1, le=10_000_000, description="a signed checkpoint after this many records"
+    )
+    checkpoint_seconds: float = Field(
+        60.0, gt=0, le=86_400, description="or this long after the first record it would cover"
+    )
+    segment_bytes: int = Field(
+        64 * 1024 * 1024, ge=4096, description="a new segment file once one is this big"
+    )
+
+
 class ServerConfig(_Strict):
     address: str = "127.0.0.1:50051"
     max_text_chars: int = Field(2000, gt=0, le=1_000_000)
@@ -67,6 +88,21 @@ class ServerConfig(_Strict):
     top_k: int = Field(3, ge=1, le=50)
     tls: TlsConfig | None = None
     state: StateConfig = StateConfig()
+    audit_dir: Path = Field(Path("audit"), description="audit trails live here, per tenant")
+    audit_key_env: str = Field(
+        "", description="environment variable holding the Ed25519 checkpoint signing key"
+    )
+    audit_key_file: Path | None = Field(
+        None, description="file holding the Ed25519 signing key (PEM or 32 raw bytes)"
+    )
+
+    @model_validator(mode="after")
+    def _audit_key(self) -> ServerConfig:
+        if self.audit_key_env and self.audit_key_file is not None:
+            raise ValueError("give audit_key_env or audit_key_file, not both")
+        if self.audit_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.audit_key_env):
+            raise ValueError("audit_key_env: expected an environment variable name")
+        return self
 
     @field_validator("address")
     @classmethod
@@ -540,6 +576,7 @@ class TenantConfig(_Strict):
     extractors: list[ExtractorConfig] = Field(default_factory=list)
     governance: GovernanceConfig = GovernanceConfig()
     policy: PolicyConfig = PolicyConfig()
+    audit: AuditConfig = AuditConfig()
 
     @model_validator(mode="after")
     def _references(self) -> TenantConfig:

@@ -13,6 +13,7 @@ in-process callers use it directly::
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,6 +28,7 @@ from router.governance.guards import AppIntentRules, InjectionCheck, PiiRedactio
 from router.governance.output import OutputChecks, RestorePlaceholders
 from router.governance.rules import Governance, compile_rules, warm
 from router.keys import KeyRing
+from router.observe.audit import AuditTrail
 from router.pipeline import OutputGuard, Pipeline, Recorder, Stage
 from router.policy.limits import Limits
 from router.routing.decider import Deciders
@@ -69,6 +71,8 @@ class Plexus:
         self.state = open_store(self.config.state)
         self.limits = Limits(tenants, self.state)
         self.policy = ConfiguredChain(tenants, self.governance, self.limits)
+        # The audit trail records first: a recorder failing after it leaves no request unaudited.
+        self.audit = AuditTrail.from_config(loaded)
         self.pipeline = Pipeline(
             prep=Prep.from_config(loaded),
             guards_in=[
@@ -84,7 +88,7 @@ class Plexus:
                 self.backend_pools, {name: t.backends for name, t in tenants.items()}
             ),
             guards_out=[RestorePlaceholders(), OutputChecks(self.governance), *guards_out],
-            recorders=recorders,
+            recorders=[self.audit, *recorders] if self.audit else recorders,
             budget=Budget(self.limits),
         )
 
@@ -127,3 +131,5 @@ class Plexus:
         for pool in self.backend_pools.values():
             await pool.aclose()
         await self.state.aclose()
+        if self.audit is not None:
+            await asyncio.to_thread(self.audit.close)  # the final checkpoints

@@ -1,0 +1,1 @@
+"""Observing the requests: the per-tenant audit trail (``router.observe.audit``)."""
