@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from router._generated.plexus.v1 import plexus_pb2 as pb
 from router.config import ConfigError, LoadedConfig, ServerConfig
 from router.plexus import Plexus
+from router.server.changes import ChangeNotices
 from router.server.servicers import AdminServicer, RouterServicer, generic_handlers
 
 log = logging.getLogger("plexus.server")
@@ -73,10 +74,15 @@ class PlexusServer:
         self.plexus = plexus or Plexus(loaded)
         self.address = address or self.config.address
         self.server = new_server(self.config)
+        executor = self.plexus.executor
+        self.changes = ChangeNotices(
+            self.plexus,
+            lambda fn, *args: asyncio.get_running_loop().run_in_executor(executor, fn, *args),
+        )
         self.server.add_generic_rpc_handlers(
             generic_handlers(
                 RouterServicer(self.plexus),
-                AdminServicer(self.plexus, self.plexus.executor),
+                AdminServicer(self.plexus, executor, self.changes),
             )
         )
         self.health = health.aio.HealthServicer()
@@ -88,6 +94,7 @@ class PlexusServer:
 
     async def start(self) -> int:
         await self.plexus.warm()
+        await self.changes.start()  # before serving: a swap made meanwhile is not missed
         credentials = server_credentials(self.loaded)
         if credentials is None:
             self.port = self.server.add_insecure_port(self.address)
@@ -109,6 +116,7 @@ class PlexusServer:
         """Report NOT_SERVING, let in-flight calls finish within the grace period, stop."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        await self.changes.aclose()
         await self.plexus.aclose()
 
     async def serve_until_signalled(self) -> None:

@@ -30,6 +30,7 @@ from router.pipeline import ErrorEvent
 from router.plexus import Plexus
 from router.policy.limits import read_usage
 from router.server.auth import api_key_from_metadata
+from router.server.changes import ChangeNotices
 from router.server.convert import (
     collection_status_to_proto,
     decision_to_proto,
@@ -192,9 +193,16 @@ class RouterServicer:
 class AdminServicer:
     """``plexus.v1.Admin``: model versions and collections (admin keys only)."""
 
-    def __init__(self, plexus: Plexus, executor: Executor):
+    def __init__(self, plexus: Plexus, executor: Executor, changes: ChangeNotices | None = None):
         self.plexus = plexus
         self.executor = executor
+        self.changes = changes
+
+    async def _announce(
+        self, tenant: str, kind: str, version: str = "", collection: str = ""
+    ) -> None:
+        if self.changes is not None:
+            await self.changes.announce(tenant, kind, version, collection)
 
     async def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Admin work (loading models, opening indexes) runs in the executor, not the loop."""
@@ -208,6 +216,7 @@ class AdminServicer:
         self.plexus.deciders.admin_tenant(caller)
         collections = self.plexus.collections[caller.tenant]
         await self._off_loop(collections.reload, request.collection)
+        await self._announce(caller.tenant, "collection", collection=request.collection)
         collection = collections.get(request.collection)
         return collection_status_to_proto(collection).SerializeToString()
 
@@ -221,6 +230,7 @@ class AdminServicer:
             await self._off_loop(self.plexus.reload_rules, caller.tenant)
         except ConfigError as exc:
             raise FailedPrecondition(f"the configuration was refused: {exc}") from None
+        await self._announce(caller.tenant, "rules")
         return pb.ReloadConfigResponse(
             tenant=caller.tenant, message="governance and policy rules reloaded"
         ).SerializeToString()
@@ -266,6 +276,7 @@ class AdminServicer:
         request = parse(pb.LoadModelRequest, data)
         tenant = self.plexus.deciders.admin_tenant(caller)
         status = await self._off_loop(tenant.load_version, request.version or None, request.force)
+        await self._announce(caller.tenant, "model", status.active_version)
         return status_to_proto(status).SerializeToString()
 
     @rpc
@@ -274,7 +285,9 @@ class AdminServicer:
     ) -> bytes:
         parse(pb.RollbackRequest, data)
         tenant = self.plexus.deciders.admin_tenant(caller)
-        return status_to_proto(await self._off_loop(tenant.rollback)).SerializeToString()
+        status = await self._off_loop(tenant.rollback)
+        await self._announce(caller.tenant, "model", status.active_version)
+        return status_to_proto(status).SerializeToString()
 
 
 def _identity(data: bytes) -> bytes:
