@@ -93,6 +93,13 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MODEL_FILE = re.compile(r"v\d{4,9}(\.onnx|\.heldout\.jsonl)")
 _COLLECTION_FILES = ("chunks.sqlite", "index.faiss", "meta.json")
 _SQLITE_PREFIX = "sqlite:///"
+_SERVER_SECRETS = {
+    "tls": "its private key is a secret",
+    "audit_key_file": "a signing key is a secret",
+}
+"""Server settings that name secret files: never bundled."""
+_SERVER_LOCAL = ("audit_dir",)
+"""Server settings that name folders of the machine that served: the deployment's default."""
 _IMPORT_TAG = ".import-"
 _STALE_SECONDS = 3600.0
 
@@ -419,11 +426,14 @@ def _gather(
     server = dict(raw.get("server") or {})
     server["model_dir"] = "models"
     server["data_dir"] = "data"
-    if server.pop("tls", None) is not None:
-        notes.append(
-            "server.tls is left out (its private key is a secret): give TLS at deploy time "
-            "with `plexus serve --bundle FILE --server-config server.yaml`"
-        )
+    for key, why in _SERVER_SECRETS.items():
+        if server.pop(key, None) is not None:
+            notes.append(
+                f"server.{key} is left out ({why}): give it at deploy time with "
+                f"`plexus serve --bundle FILE --server-config server.yaml`"
+            )
+    for key in _SERVER_LOCAL:
+        server.pop(key, None)
     raw["server"] = server
     raw_tenants = raw.get("tenants") or {}
     raw["tenants"] = {name: raw_tenants[name] for name in tenants}
@@ -775,7 +785,7 @@ class _Inflater:
                 raise BundleError("the bundle has data after its last file")
         if not self._decompressor.eof:
             raise BundleError("the bundle is truncated (its compressed stream does not end)")
-        tail = self._tail + self.raw.read(TRAILER_SIZE + 1 - len(self._tail))
+        tail = self._tail + self.raw.read(max(0, TRAILER_SIZE + 1 - len(self._tail)))
         if len(tail) < TRAILER_SIZE:
             raise BundleError("the bundle is truncated (its closing checksum is missing)")
         if tail != trailer(self._digest.digest()):
@@ -842,30 +852,33 @@ def _inside(path: Path, root: Path) -> bool:
 
 def check_deployment_config(config_path: Path) -> LoadedConfig:
     """Load an imported deployment's configuration and check that every path it names stays
-    inside the deployment (no TLS section, relative models, data, guards, training data and
-    SQLite mirrors); BundleError otherwise."""
+    inside the deployment (no TLS or other secret files; relative models, data, guards,
+    training data and SQLite mirrors); BundleError otherwise."""
     root = config_path.parent
     try:
         loaded = load_config(config_path)
     except ConfigError as exc:
         raise BundleError(f"the bundle's configuration does not load: {exc}") from None
     server = loaded.config.server
-    problems = []
-    if server.tls is not None:
-        problems.append("server.tls (bundles never carry TLS)")
-    for where, path in [
-        ("server.model_dir", server.model_dir),
-        ("server.data_dir", server.data_dir),
-    ]:
+    problems = [
+        f"server.{key} (bundles never carry it)"
+        for key in _SERVER_SECRETS
+        if getattr(server, key, None) is not None
+    ]
+    named = [("server.model_dir", server.model_dir), ("server.data_dir", server.data_dir)]
+    named += [
+        (f"server.{key}", getattr(server, key)) for key in _SERVER_LOCAL if hasattr(server, key)
+    ]
+    for where, path in named:
         if path.is_absolute() or not _inside(loaded.resolve(path), root):
             problems.append(where)
     for name, tenant in loaded.config.tenants.items():
         injection = tenant.governance.injection
-        named = [
+        tenant_paths = [
             ("model.data", tenant.model.data),
             ("governance.injection.model", injection.model if injection else None),
         ]
-        for where, path in named:
+        for where, path in tenant_paths:
             if path is not None and (path.is_absolute() or not _inside(loaded.resolve(path), root)):
                 problems.append(f"tenants.{name}.{where}")
         for mirror, config in tenant.sql_mirrors.items():
@@ -875,7 +888,8 @@ def check_deployment_config(config_path: Path) -> LoadedConfig:
                     problems.append(f"tenants.{name}.sql_mirrors.{mirror}.url")
     if problems:
         raise BundleError(
-            f"the bundle's configuration names paths outside the deployment: {', '.join(problems)}"
+            f"the bundle's configuration names secret files or paths outside the deployment: "
+            f"{', '.join(problems)}"
         )
     return loaded
 
@@ -1075,6 +1089,37 @@ def _check_target(target: Path, replace: bool) -> bool:
     return True
 
 
+def written_since_import(directory: Path) -> list[str]:
+    """Files in an imported deployment that its manifest does not list: what serving wrote
+    there (audit trails, collection versions ingested or models trained in place)."""
+    root = Path(directory)
+    try:
+        manifest = parse_manifest((root / MANIFEST_NAME).read_bytes())
+    except (OSError, BundleError):
+        return ["(no readable manifest)"]
+    listed = {entry.path for entry in manifest.files}
+    listed |= {MANIFEST_NAME, SIGNATURE_NAME, SERVE_CONFIG_NAME}
+    found = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            relative = (Path(folder) / name).relative_to(root).as_posix()
+            if relative not in listed:
+                found.append(relative)
+    return sorted(found)
+
+
+def _retire(old: Path, target: Path) -> Path | None:
+    """Remove a replaced deployment, unless serving wrote files there: then keep it beside
+    the new one (``.NAME.previous-TIME``) and return where."""
+    if not written_since_import(old):
+        shutil.rmtree(old, ignore_errors=True)
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    kept = target.with_name(f".{target.name}.previous-{stamp}-{os.getpid()}")
+    os.rename(old, kept)
+    return kept
+
+
 def import_bundle(
     bundle: Path | str,
     into: Path | str,
@@ -1095,6 +1140,7 @@ def import_bundle(
     say = progress or (lambda message: None)
     source, target = Path(bundle), Path(into).absolute()
     replacing = _check_target(target, replace)
+    notes: list[str] = []
     target.parent.mkdir(parents=True, exist_ok=True)
     _sweep_stale_imports(target.parent, target.name)
     work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}{_IMPORT_TAG}"))
@@ -1113,12 +1159,17 @@ def import_bundle(
         if replacing:
             if _exchange(work, target):
                 fsync_dir(target.parent)
-                shutil.rmtree(work, ignore_errors=True)
+                retired = work
             else:
-                old = target.with_name(f".{target.name}{_IMPORT_TAG}old-{os.getpid()}")
-                os.rename(target, old)
+                retired = target.with_name(f".{target.name}{_IMPORT_TAG}old-{os.getpid()}")
+                os.rename(target, retired)
                 os.rename(work, target)
-                shutil.rmtree(old, ignore_errors=True)
+            kept = _retire(retired, target)
+            if kept is not None:
+                notes.append(
+                    f"the replaced deployment held files written while serving (audit trails, "
+                    f"models trained there); it is kept at {kept}"
+                )
         else:
             try:
                 os.rename(work, target)  # replaces an empty folder, never a non-empty one
@@ -1133,7 +1184,7 @@ def import_bundle(
         raise
     say(f"imported {len(manifest.files)} files into {target}")
     data = manifest.data
-    notes = list(data.get("left_out") or [])
+    notes = [*(data.get("left_out") or []), *notes]
     recorded_guards = data.get("shipped_guards")
     if isinstance(recorded_guards, dict):
         tagger = recorded_guards.get("entity_tagger")
@@ -1177,11 +1228,15 @@ def check_bundle(
 
 
 def verify_deployment(
-    directory: Path | str, *, public_key: Ed25519PublicKey | None = None
+    directory: Path | str,
+    *,
+    public_key: Ed25519PublicKey | None = None,
+    strict: bool = True,
 ) -> Manifest:
     """Check an imported deployment against its own manifest: every file present with its size
-    and SHA-256, nothing else but the manifest, and the signature when ``public_key`` is given
-    (an imported folder keeps the manifest; the signature stays in the bundle)."""
+    and SHA-256, and the signature when ``public_key`` is given (an import keeps the manifest
+    and the signature). ``strict``: nothing else may be there (after serving, audit trails and
+    the like are; ``strict=False`` checks only what came from the bundle)."""
     root = Path(directory)
     try:
         raw = (root / MANIFEST_NAME).read_bytes()
@@ -1203,6 +1258,8 @@ def verify_deployment(
                 continue
             entry = expected.get(relative)
             if entry is None:
+                if not strict:
+                    continue
                 raise BundleError(f"{root}: {relative} is not part of the deployment")
             path = here / name
             if path.is_symlink() or path.stat().st_size != entry.size:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -192,8 +193,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def serve_bundle(args: argparse.Namespace, serve: Callable[[argparse.Namespace], int]) -> int:
     """``plexus serve --bundle FILE``: import FILE into a temporary folder, apply
-    ``--server-config``, run ``serve`` on the result, and remove the folder afterwards."""
-    from router.bundle import apply_server_config, import_bundle
+    ``--server-config``, run ``serve`` on the result, and remove the folder afterwards, unless
+    the server wrote files there (audit trails): then it is kept and named."""
+    from router.bundle import apply_server_config, import_bundle, written_since_import
 
     if args.config and args.bundle:
         raise ConfigError("give CONFIG or --bundle FILE, not both")
@@ -208,10 +210,10 @@ def serve_bundle(args: argparse.Namespace, serve: Callable[[argparse.Namespace],
     public_key = _public_key(args.public_key)
     if args.server_config is not None and not os.path.isfile(args.server_config):
         raise ConfigError(f"{args.server_config}: no such file (--server-config)")
-    with tempfile.TemporaryDirectory(prefix="plexus-serve-") as tmp:
-        report = import_bundle(
-            args.bundle, Path(tmp) / "deployment", public_key=public_key, progress=_say
-        )
+    tmp = Path(tempfile.mkdtemp(prefix="plexus-serve-"))
+    deployment = tmp / "deployment"
+    try:
+        report = import_bundle(args.bundle, deployment, public_key=public_key, progress=_say)
         if not report.verified:
             _say("the bundle's signature was not checked (pass --public-key FILE)")
         config = report.config
@@ -219,3 +221,13 @@ def serve_bundle(args: argparse.Namespace, serve: Callable[[argparse.Namespace],
             config = apply_server_config(config, args.server_config)
         served = argparse.Namespace(**{**vars(args), "config": config, "bundle": None})
         return serve(served)
+    finally:
+        written = written_since_import(deployment) if deployment.is_dir() else []
+        if written:
+            _say(
+                f"kept {deployment}: the server wrote {len(written)} files there "
+                f"({written[0]}, ...); set server.audit_dir in --server-config to keep audit "
+                f"trails elsewhere"
+            )
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
