@@ -8,6 +8,8 @@ import uuid
 import grpc
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from router._generated.plexus.v1 import plexus_pb2 as pb
 from router._generated.plexus.v1 import plexus_pb2_grpc as pb_grpc
@@ -331,3 +333,38 @@ def test_explain_prints_the_outcome_and_why(served, capsys):
         )
         == 2
     )
+
+
+values = st.sampled_from(["platinum", "gold", "guest", "eu", "us", ""])
+when_strategy = st.fixed_dictionaries(
+    {},
+    optional={
+        "apps": st.lists(st.sampled_from(["storefront", "store_ops"]), max_size=2),
+        "keys": st.lists(st.sampled_from(["demo", "ops"]), max_size=2),
+        "routes": st.lists(st.sampled_from(ROUTES), max_size=3),
+        "metadata": st.dictionaries(
+            st.sampled_from(["tier", "region"]), st.lists(values | st.just("*"), max_size=3)
+        ),
+        "min_confidence": st.floats(0, 1),
+        "max_confidence": st.floats(0, 1),
+        "abstained": st.booleans(),
+        "findings": st.lists(st.sampled_from(["EMAIL", "CARD", "prompt_injection"]), max_size=2),
+    },
+)
+facts_strategy = st.builds(
+    PolicyFacts,
+    app=st.sampled_from(["storefront", "store_ops"]),
+    key=st.sampled_from(["demo", "ops"]),
+    metadata=st.dictionaries(st.sampled_from(["tier", "region"]), values),
+    route=st.sampled_from(ROUTES),
+    confidence=st.floats(0, 1),
+    abstained=st.booleans(),
+    findings=st.frozensets(st.sampled_from(["EMAIL", "CARD", "prompt_injection"])),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(when=when_strategy, seen=facts_strategy)
+def test_the_fast_match_agrees_with_the_explained_one(when, seen):
+    (rule,) = rules({"name": "r", "when": when, "then": {}}).rules
+    assert rule.matches(seen) == (rule.mismatch(seen) is None)

@@ -96,6 +96,28 @@ class CompiledRule:
         self.then = config.then
         self.keep_going = config.keep_going
 
+    def matches(self, facts: PolicyFacts) -> bool:
+        """Whether every condition holds (the request path: no reasons, no formatting)."""
+        if self.apps is not None and facts.app not in self.apps:
+            return False
+        if self.keys is not None and facts.key not in self.keys:
+            return False
+        if self.routes is not None and facts.route not in self.routes:
+            return False
+        if self.metadata:
+            metadata = facts.metadata
+            for key, allowed in self.metadata:
+                value = metadata.get(key)
+                if value is None or (allowed is not None and value not in allowed):
+                    return False
+        if self.min_confidence is not None and facts.confidence < self.min_confidence:
+            return False
+        if self.max_confidence is not None and facts.confidence > self.max_confidence:
+            return False
+        if self.abstained is not None and facts.abstained != self.abstained:
+            return False
+        return self.findings is None or not self.findings.isdisjoint(facts.findings)
+
     def mismatch(self, facts: PolicyFacts) -> str | None:
         """Why the rule does not match (the first failing condition), or None when it does."""
         if self.apps is not None and facts.app not in self.apps:
@@ -157,7 +179,7 @@ class CompiledPolicy:
     def decide(self, facts: PolicyFacts) -> PolicyOutcome:
         outcome = PolicyOutcome()
         for rule in self.by_route.get(facts.route, ()):
-            if rule.mismatch(facts) is None:
+            if rule.matches(facts):
                 _apply(rule, outcome)
                 if outcome.deny is not None or not rule.keep_going:
                     break
