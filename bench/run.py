@@ -11,7 +11,16 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-SUITES = ("latency", "decision", "accuracy", "retrieval", "orchestrate", "governance", "policy", "audit")
+SUITES = (
+    "latency",
+    "decision",
+    "accuracy",
+    "retrieval",
+    "orchestrate",
+    "governance",
+    "policy",
+    "audit",
+)
 
 
 def build_parser(prog: str = "plexus bench") -> argparse.ArgumentParser:
