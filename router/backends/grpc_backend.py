@@ -25,6 +25,7 @@ from router.backends.common import (
     response_limit,
     timed_out,
 )
+from router.backends.slots import PrioritySlots
 from router.backends.types import (
     BackendError,
     Finished,
@@ -51,7 +52,7 @@ class GrpcBackend:
             raise ValueError(f"backend {name!r}: GrpcBackend needs kind 'grpc'")
         self.name = name
         self.config = config
-        self._semaphore = asyncio.Semaphore(config.max_concurrency)
+        self._slots = PrioritySlots(config.max_concurrency)
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.GeneratorStub | None = None
 
@@ -72,7 +73,7 @@ class GrpcBackend:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout_at(loop.time() + (end - time.monotonic())):
-                await self._semaphore.acquire()
+                await self._slots.acquire(request.priority)
         except TimeoutError:
             raise timed_out(self.name, request, self.config.timeout_seconds) from None
         try:
@@ -116,7 +117,7 @@ class GrpcBackend:
             finally:
                 call.cancel()  # a no-op once the call has ended
         finally:
-            self._semaphore.release()
+            self._slots.release()
 
     def _rpc_error(self, exc: grpc.aio.AioRpcError, request: GenerationRequest) -> BackendError:
         code = exc.code()

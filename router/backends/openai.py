@@ -40,6 +40,7 @@ from router.backends.common import (
     response_limit,
     timed_out,
 )
+from router.backends.slots import PrioritySlots
 from router.backends.types import (
     BackendError,
     Finished,
@@ -101,7 +102,7 @@ class OpenAIBackend:
         self.config = config
         self.endpoint = config.url.rstrip("/") + "/chat/completions"
         self._proxy, self._proxy_auth = _environment_proxy(self.endpoint)
-        self._semaphore = asyncio.Semaphore(config.max_concurrency)
+        self._slots = PrioritySlots(config.max_concurrency)
         self._client: aiohttp.ClientSession | None = None  # made on the loop, at the first call
         self._closed = False
 
@@ -114,7 +115,7 @@ class OpenAIBackend:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         end = call_end(self.name, request, self.config.timeout_seconds)
         try:
-            async with self._slot(end):
+            async with self._slot(end, request.priority):
                 body = self._body(request)
                 headers = self._headers()
                 response = await self._send(body, headers, end)
@@ -141,13 +142,13 @@ class OpenAIBackend:
         return asyncio.timeout_at(loop.time() + (end - time.monotonic()))
 
     @asynccontextmanager
-    async def _slot(self, end: float) -> AsyncIterator[None]:
+    async def _slot(self, end: float, priority: int) -> AsyncIterator[None]:
         async with self._within(end):
-            await self._semaphore.acquire()
+            await self._slots.acquire(priority)
         try:
             yield
         finally:
-            self._semaphore.release()
+            self._slots.release()
 
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
         body: dict[str, Any] = {

@@ -21,6 +21,7 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() by which the whole call must end
     request_id: str = ""
     metadata: dict[str, str] = field(default_factory=dict)  # route, tenant: for logs only
+    priority: int = 1  # 0 high, 1 normal, 2 low: who gets a busy backend's next free slot
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Mapping
 
 from router.backends.resilience import BackendPool, Served
+from router.backends.slots import PRIORITIES
 from router.backends.types import GenerationEvent, GenerationRequest, Message, Usage
 from router.config import BackendConfig
 from router.pipeline import RequestState
@@ -34,6 +35,7 @@ class Generate:
             deadline=state.deadline,
             request_id=state.query.request_id,
             metadata={"tenant": state.caller.tenant, "route": state.decision.route},
+            priority=PRIORITIES[state.decision.priority],
         )
         chain = state.chain
         return self.pools[state.caller.tenant].chain(chain[0], chain[1:]).generate(request)
