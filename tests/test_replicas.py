@@ -151,7 +151,7 @@ def test_a_budget_holds_across_replicas(deployment):
                 pb.ReloadConfigRequest(), metadata=ADMIN, timeout=60
             )
     user = uuid.uuid4().hex
-    start = threading.Barrier(30)
+    start = threading.Barrier(64)
 
     def one(_: int) -> str:
         request = pb.OrchestrateRequest(
@@ -169,12 +169,12 @@ def test_a_budget_holds_across_replicas(deployment):
 
     peer.behaviour = Behaviour(first_byte_delay=3.0)
     try:
-        with ThreadPoolExecutor(30) as pool:
-            outcomes = list(pool.map(one, range(30)))
+        with ThreadPoolExecutor(64) as pool:
+            outcomes = list(pool.map(one, range(64)))
     finally:
         peer.behaviour = Behaviour()
     assert outcomes.count("final") == 5
-    assert outcomes.count("RESOURCE_EXHAUSTED") == 25
+    assert outcomes.count("RESOURCE_EXHAUSTED") == 59
 
 
 def test_a_hot_swap_on_one_replica_reaches_the_others_with_no_failed_request(deployment):
