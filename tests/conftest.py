@@ -15,6 +15,7 @@ import yaml
 from router.config import LoadedConfig, hash_api_key, parse_config
 from router.routing.tenant_training import train_tenant
 from router.server.app import PlexusServer
+from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "examples" / "retail" / "plexus.yaml"
@@ -167,3 +168,13 @@ def implementation(request: pytest.FixtureRequest) -> str:
 def native_available(request: pytest.FixtureRequest) -> None:
     """Skips a test that compares NATIVE_MODULE with its reference when it cannot run."""
     _skip_unless_native(request)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on an ephemeral port, for the whole session; tests that use it skip,
+    saying why, where redis-server is not installed."""
+    running = RedisServer()
+    running.start()
+    yield running
+    running.close()
