@@ -676,6 +676,7 @@ def export_bundle(
             handle.write(trailer(hashed.digest.digest()))
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's is 0600: a container's own user must read it too
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

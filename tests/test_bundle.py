@@ -226,6 +226,7 @@ def test_manifest_lists_every_file_with_its_checksum(imported: Path, bundle: Pat
     with tarfile.open(fileobj=io.BytesIO(_inflate(bundle.read_bytes()))) as tar:
         names = tar.getnames()
     assert names[:2] == [MANIFEST_NAME, SIGNATURE_NAME] and set(names[2:]) == paths
+    assert bundle.stat().st_mode & 0o777 == 0o644  # readable by a container's own user
 
 
 def test_partial_bundle_moves_one_tenant(source: LoadedConfig, tmp_path: Path) -> None:
