@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol, runtime_checkable
 
 from router.errors import PlexusError
@@ -82,12 +83,12 @@ class Limit:
         if isinstance(self.burst, bool) or not isinstance(self.burst, int) or self.burst < 1:
             raise ValueError(f"limit {self.key!r}: burst must be an integer >= 1")
 
-    @property
+    @cached_property
     def emission_seconds(self) -> float:
         """T: the time one unit takes at the steady rate."""
         return self.period_seconds / self.rate
 
-    @property
+    @cached_property
     def tolerance_seconds(self) -> float:
         """tau = T * (burst - 1): how far ahead of now the limiter lets its schedule run."""
         return self.emission_seconds * (self.burst - 1)
