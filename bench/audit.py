@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -106,6 +107,25 @@ def writer_rows(root: Path, record: dict[str, Any], args: argparse.Namespace) ->
                 f"{args.records / seconds:,.0f} records/s, {records / max(groups, 1):.1f} per group"
             )
     return rows
+
+
+def disk_row(root: Path, record_bytes: int, count: int = 500) -> dict[str, Any]:
+    """The file system's own cost of what a group commit does: one appended write of a record's
+    size and one ``fdatasync``, one after another (the writer's ceiling at concurrency 1)."""
+    path = root / "disk-probe"
+    line = b"x" * (record_bytes - 1) + b"\n"
+    samples = np.empty(count, dtype=np.int64)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for i in range(count):
+            started = time.perf_counter_ns()
+            os.write(fd, line)
+            os.fdatasync(fd)
+            samples[i] = time.perf_counter_ns() - started
+    finally:
+        os.close(fd)
+        path.unlink()
+    return {"writes": count, "bytes": record_bytes, **percentiles_us(samples)}
 
 
 # ----------------------------------------------------------------------------- added latency
@@ -207,16 +227,27 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         latency, record = latency_rows(space, root, args)
         say("feeding the writer")
         writer = writer_rows(root, record, args)
+        record_bytes = len(lines_of_trail(root / f"writer-unsigned-{args.writer_concurrency[0]}"))
+        disk = disk_row(root, record_bytes)
         filesystem = _filesystem(root)
     return {
         "suite": "audit",
         "machine": machine_facts(),
+        "load_average": list(os.getloadavg()),
         "filesystem": filesystem,
+        "disk": disk,
         "record_bytes": len(_canonical(record)),
         "rounds": ROUNDS,
         "writer": writer,
         "latency": latency,
     }
+
+
+def lines_of_trail(folder: Path) -> bytes:
+    """The first complete line of a trail (a sealed record, as written)."""
+    first = sorted(folder.glob("segment-*.jsonl"))[0]
+    with open(first, "rb") as handle:
+        return handle.readline()
 
 
 def _canonical(record: dict[str, Any]) -> bytes:
@@ -266,10 +297,15 @@ def to_markdown(report: dict[str, Any]) -> str:
             ("rps audited", num("audited_rps")),
         ],
     )
+    disk = report["disk"]
+    load = ", ".join(f"{v:.2f}" for v in report["load_average"])
     notes = [
         f"Trails written on {report['filesystem']}; a record of a Route call is "
         f"{report['record_bytes']} bytes of canonical JSON before seq, time, prev and hash.",
         "Each group is one write and one fdatasync; every record of a group is released together.",
+        f"The disk alone, same run: one {disk['bytes']}-byte append + fdatasync takes "
+        f"p50 {disk['p50']:.0f} µs, p99 {disk['p99']:.0f} µs ({disk['writes']} in a row).",
+        f"Load average at the end of the run: {load} (other work on the machine shows here).",
         f"Route in process, audited vs audit.enabled: false on the same model, {report['rounds']} "
         "rounds alternating ABBA.",
     ]

@@ -88,11 +88,14 @@ class AuditDamaged(Exception):
 # -- the format ---------------------------------------------------------------------------------
 
 
+_ENCODER = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+
+
 def canonical(record: Mapping[str, Any]) -> bytes:
     """The canonical JSON of ``record``: sorted keys, no spaces, UTF-8, no NaN."""
-    return json.dumps(
-        record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    return _ENCODER.encode(record).encode("utf-8")
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
@@ -401,6 +404,18 @@ class _Chain:
     """``time.monotonic()`` of the first of them."""
 
 
+def _sealed(record: dict[str, Any]) -> tuple[str, bytes]:
+    """``(hash, line)`` of a record without ``hash``: the canonical JSON is made once, in two
+    halves (the keys before ``hash`` and after it), so that the hashed body and the written line
+    share them (a sorted object is its sorted items joined, whatever the split)."""
+    before = canonical({k: v for k, v in record.items() if k < _HASH_FIELD})[1:-1]
+    after = canonical({k: v for k, v in record.items() if k > _HASH_FIELD})[1:-1]
+    body = b"{" + b",".join(part for part in (before, after) if part) + b"}"
+    digest = hashlib.sha256(body).hexdigest()
+    entry = b'"hash":"' + digest.encode("ascii") + b'"'
+    return digest, b"{" + b",".join(p for p in (before, entry, after) if p) + b"}\n"
+
+
 def _resolve(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
     for future in futures:
         if future.done():
@@ -647,13 +662,9 @@ class AuditLog:
     def _seal(self, record: dict[str, Any]) -> tuple[str, bytes]:
         """``record`` with its hash, as a line: (hash, line)."""
         try:
-            body = canonical(record)
+            return _sealed(record)
         except (UnicodeEncodeError, ValueError):
-            record = _scrub(record)
-            body = canonical(record)
-        digest = hashlib.sha256(body).hexdigest()
-        record[_HASH_FIELD] = digest
-        return digest, canonical(record) + b"\n"
+            return _sealed(_scrub(record))
 
     def _write(self, data: bytes) -> None:
         fd, start = self._fd, self._chain.size
