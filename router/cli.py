@@ -328,6 +328,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 EXIT_ADDRESS,
             ) from exc
         print(f"plexus serving on {server.address.rpartition(':')[0]}:{port}", flush=True)
+        if server.http_port:
+            host = (loaded.config.server.http_address or "").rpartition(":")[0]
+            scheme = "https" if loaded.config.server.tls else "http"
+            print(
+                f"plexus OpenAI-compatible front door on {scheme}://{host}:{server.http_port}/v1",
+                flush=True,
+            )
         await server.serve_until_signalled()
 
     asyncio.run(run())

@@ -88,6 +88,13 @@ class ServerConfig(_Strict):
     top_k: int = Field(3, ge=1, le=50)
     tls: TlsConfig | None = None
     state: StateConfig = StateConfig()
+    http_address: str | None = Field(
+        None, description="HOST:PORT of the OpenAI-compatible front door (off when unset)"
+    )
+    http_timeout_seconds: float = Field(
+        120.0, gt=0, le=3600, description="an HTTP call's deadline (x-plexus-timeout may ask less)"
+    )
+    http_read_seconds: float = Field(10.0, gt=0, le=600, description="to send a request's body")
     audit_dir: Path = Field(Path("audit"), description="audit trails live here, per tenant")
     audit_key_env: str = Field(
         "", description="environment variable holding the Ed25519 checkpoint signing key"
@@ -104,9 +111,11 @@ class ServerConfig(_Strict):
             raise ValueError("audit_key_env: expected an environment variable name")
         return self
 
-    @field_validator("address")
+    @field_validator("address", "http_address")
     @classmethod
-    def _address(cls, value: str) -> str:
+    def _address(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:50051 (port 0 picks a free one)")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from router.backends.resilience import Served, StreamInterrupted
-from router.backends.types import BackendError, Finished, TokenDelta, Usage
+from router.backends.types import BackendError, Finished, Message, TokenDelta, Usage
 from router.calls import Caller, RouteDecision, RouteQuery
 from router.errors import PlexusError
 
@@ -86,6 +86,10 @@ class RequestState:
     deadline: float | None = None
     """``time.monotonic()`` by which the call must end, from the caller's gRPC deadline."""
     generates: bool = False
+    history: Sequence[Message] = ()
+    """Earlier turns of a conversation (system and developer messages, previous user and
+    assistant turns), sent before the stitched prompt; guard-in redacts them as it does
+    ``text``."""
     text: str = ""
     """The prepared text later stages see; ``query.text`` keeps what the caller sent."""
     extracted: dict[str, str] = field(default_factory=dict)
@@ -395,6 +399,8 @@ class Pipeline:
         packets: Sequence[ContextPacket] = (),
         max_tokens: int | None = None,
         deadline: float | None = None,
+        history: Sequence[Message] = (),
+        rpc: str = "Orchestrate",
     ) -> AsyncIterator[OrchestrateEvent]:
         """Every stage; streams the decision, the context, the answer's deltas and a final event.
 
@@ -404,11 +410,12 @@ class Pipeline:
         state = RequestState(
             caller,
             query,
-            rpc="Orchestrate",
+            rpc=rpc,
             packets=packets,
             max_tokens=max_tokens,
             deadline=deadline,
             generates=True,
+            history=tuple(history),
         )
         async with self._recorded(state):
             try:

@@ -13,8 +13,9 @@ every number already present in the text.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+from router.backends.types import Message
 from router.context.batching import BatchingEncoder
 from router.errors import PermissionDenied
 from router.governance.rules import Governance, PiiRules
@@ -32,12 +33,23 @@ def _mask(kind: str, value: str) -> str:
     return f"[{kind}]"
 
 
-def redact(text: str, spans: Sequence[Span], rules: PiiRules) -> tuple[str, dict[str, str]]:
-    """``text`` with every redacted or masked span replaced; the placeholder -> value map."""
+def redact(
+    text: str, spans: Sequence[Span], rules: PiiRules, known: Mapping[str, str] | None = None
+) -> tuple[str, dict[str, str]]:
+    """``text`` with every redacted or masked span replaced; the new placeholder -> value map.
+
+    ``known``: placeholders already given out in this request (another message of the same
+    conversation): a value keeps its placeholder, and new numbers come after them."""
     taken = {(m.group(1), int(m.group(2))) for m in PLACEHOLDER.finditer(text)}
     placeholders: dict[str, str] = {}
     by_value: dict[tuple[str, str], str] = {}
     counters: dict[str, int] = {}
+    for placeholder, value in (known or {}).items():
+        match = PLACEHOLDER.fullmatch(placeholder)
+        if match is not None:
+            kind, number = match.group(1), int(match.group(2))
+            by_value[(kind, value)] = placeholder
+            counters[kind] = max(counters.get(kind, 0), number)
     parts: list[str] = []
     at = 0
     for span in spans:
@@ -73,14 +85,24 @@ class PiiRedaction:
         rules = self.governance.of(state.caller.tenant).pii
         if rules is None:
             return
-        spans = rules.detect(state.text)
+        state.text = self._redacted(state, rules, state.text, "")
+        if state.history:
+            state.history = tuple(
+                Message(m.role, self._redacted(state, rules, m.content, f"history.{i}"))
+                for i, m in enumerate(state.history)
+            )
+
+    def _redacted(self, state: RequestState, rules: PiiRules, text: str, where: str) -> str:
+        """``text`` as the backends may see it (``where``: empty for the request's text, else
+        which earlier message, in the findings' detail)."""
+        spans = rules.detect(text)
         if not spans:
-            return
+            return text
         blocked: list[str] = []
         for span in spans:
             action = rules.action(span.kind)
             state.findings.append(
-                Finding(self.name, span.kind, "", span.start, span.end, action, span.score)
+                Finding(self.name, span.kind, where, span.start, span.end, action, span.score)
             )
             if action == "block":
                 blocked.append(span.kind)
@@ -91,8 +113,9 @@ class PiiRedaction:
                 f"the request contains {', '.join(sorted(set(blocked)))}, which this tenant "
                 "does not accept; remove it and try again"
             )
-        state.text, placeholders = redact(state.text, spans, rules)
+        text, placeholders = redact(text, spans, rules, state.placeholders)
         state.placeholders.update(placeholders)
+        return text
 
 
 class InjectionCheck:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -17,6 +18,7 @@ from router._generated.plexus.v1 import plexus_pb2 as pb
 from router.config import ConfigError, LoadedConfig, ServerConfig
 from router.plexus import Plexus
 from router.server.changes import ChangeNotices
+from router.server.http import start_http
 from router.server.servicers import AdminServicer, RouterServicer, generic_handlers
 
 log = logging.getLogger("plexus.server")
@@ -91,6 +93,8 @@ class PlexusServer:
             [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         self.port = 0
+        self.http_runner: web.AppRunner | None = None
+        self.http_port = 0
 
     async def start(self) -> int:
         await self.plexus.warm()
@@ -103,6 +107,11 @@ class PlexusServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {self.address}")
         await self.server.start()
+        if self.config.http_address is not None:
+            self.http_runner, self.http_port = await start_http(
+                self.plexus, self.config.http_address, self.config.grace_seconds
+            )
+            log.info("plexus OpenAI-compatible front door on port %d", self.http_port)
         # Everything loaded so far (libraries, models) lives as long as the server: move it out
         # of the collector's sight so that full collections stay short on the request path.
         gc.collect()
@@ -115,7 +124,12 @@ class PlexusServer:
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, let in-flight calls finish within the grace period, stop."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        grace = self.config.grace_seconds if grace is None else grace
+        runner, self.http_runner = self.http_runner, None
+        # Both fronts stop taking calls and let those in flight finish, at the same time.
+        await asyncio.gather(
+            self.server.stop(grace), *([runner.cleanup()] if runner is not None else [])
+        )
         await self.changes.aclose()
         await self.plexus.aclose()
 

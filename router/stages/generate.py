@@ -29,7 +29,7 @@ class Generate:
     def stream(self, state: RequestState) -> AsyncGenerator[GenerationEvent | Served, None]:
         assert state.context is not None and state.limits is not None and state.decision
         request = GenerationRequest(
-            messages=(Message("user", state.context.assembly.prompt),),
+            messages=(*state.history, Message("user", state.context.assembly.prompt)),
             max_tokens=state.limits.max_tokens,
             temperature=state.limits.temperature,
             deadline=state.deadline,
