@@ -392,6 +392,19 @@ def test_two_writers_on_one_folder_keep_one_chain(tmp_path):
     assert result.ok and result.requests == 300
 
 
+def test_requests_appending_together_share_one_group_commit(tmp_path):
+    audit = AuditLog(tmp_path / "t", "t")
+    before = audit.groups
+
+    async def run() -> None:
+        await asyncio.gather(*[audit.append(fields(i)) for i in range(64)])
+
+    asyncio.run(run())
+    assert audit.groups == before + 1  # one write and one fdatasync for all 64
+    audit.close()
+    assert [r["request_id"] for r in requests_of(tmp_path / "t")] == [f"r{i}" for i in range(64)]
+
+
 def test_submit_from_a_thread_reports_durability(tmp_path):
     audit = AuditLog(tmp_path / "t", "t")
     done: list[object] = []

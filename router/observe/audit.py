@@ -449,6 +449,7 @@ class AuditLog:
         self._broken: BaseException | None = None
         self._retry_at = 0.0
         self._submit_lock = threading.Lock()
+        self._gathering: dict[asyncio.AbstractEventLoop, list[_Item]] = {}
         self.groups = 0
         """Group commits so far (one write and one fdatasync each)."""
         self.records = 0
@@ -475,23 +476,43 @@ class AuditLog:
 
     def submit(self, fields: dict[str, Any], done: Done) -> None:
         """Queue a record (from any thread); ``done(None)`` once it is durable, else
-        ``done(error)``. Called on the writer's thread."""
-        self._put(_Item(fields, None, done))
+        ``done(error)`` (``done`` runs on the writer's thread)."""
+        self._put([_Item(fields, None, done)])
 
     async def append(self, fields: dict[str, Any]) -> None:
-        """Queue a record and return once it is durable (AuditUnavailable when it cannot be)."""
+        """Queue a record and return once it is durable (AuditUnavailable when it cannot be).
+
+        The records a loop appends in one turn go to the writer together, at the end of the
+        turn: requests resumed together stay one group, instead of the first one waking the
+        writer for a group of its own.
+        """
+        self._check()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._put(_Item(fields, loop, future))
+        gathering = self._gathering.get(loop)
+        if gathering is None:
+            gathering = self._gathering[loop] = []
+            loop.call_soon(self._hand_over, loop)
+        gathering.append(_Item(fields, loop, future))
         await future
 
-    def _put(self, item: _Item) -> None:
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        items = self._gathering.pop(loop, [])
+        try:
+            self._put(items)
+        except AuditUnavailable as exc:
+            _resolve([item.waiter for item in items], exc)
+
+    def _check(self) -> None:
+        if self._broken is not None:
+            raise AuditUnavailable(f"the audit log of {self.tenant!r} failed: {self._broken}")
+        if self._closed:
+            raise AuditUnavailable(f"the audit log of {self.tenant!r} is closed")
+
+    def _put(self, items: list[_Item]) -> None:
         with self._submit_lock:
-            if self._broken is not None:
-                raise AuditUnavailable(f"the audit log of {self.tenant!r} failed: {self._broken}")
-            if self._closed:
-                raise AuditUnavailable(f"the audit log of {self.tenant!r} is closed")
-            self._queue.put(item)
+            self._check()
+            self._queue.put(items)
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Write what is queued and a final checkpoint, stop the writer, release the files."""
@@ -524,11 +545,11 @@ class AuditLog:
                 except queue.Empty:
                     first = None
                 items = []
-                for item in self._drain(first):
-                    if item is _CLOSE:
+                for batch in self._drain(first):
+                    if batch is _CLOSE:
                         closing = True
                     else:
-                        items.append(item)
+                        items += batch
                 self._commit(items, closing)
                 items = []
         except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
@@ -538,11 +559,11 @@ class AuditLog:
             self._release(items, AuditUnavailable(f"the audit log failed: {exc}"))
             while True:  # fail whatever was queued meanwhile
                 try:
-                    item = self._queue.get_nowait()
+                    batch = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is not _CLOSE:
-                    self._release([item], AuditUnavailable(f"the audit log failed: {exc}"))
+                if batch is not _CLOSE:
+                    self._release(batch, AuditUnavailable(f"the audit log failed: {exc}"))
 
     def _drain(self, first: Any) -> Iterator[Any]:
         if first is None:
