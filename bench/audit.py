@@ -308,6 +308,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"Load average at the end of the run: {load} (other work on the machine shows here).",
         f"Route in process, audited vs audit.enabled: false on the same model, {report['rounds']} "
         "rounds alternating ABBA.",
+        "At c=64 nothing in an unaudited Route suspends, so the baseline's calls run one after "
+        "another and each one's latency is its own service time; audited calls wait for their "
+        "group's fdatasync together with the other 63, so their latency is the whole group's "
+        "cycle: compare throughput there.",
     ]
     return document(
         "Plexus audit trail cost",
