@@ -305,16 +305,48 @@ def check_address(address: str) -> None:
         )
 
 
+def _workers(requested: int | None, loaded: LoadedConfig) -> int:
+    """How many serving processes: as asked, else one per core when the state is shared
+    (Redis), else one. Several need the shared state: the in-process store is per process."""
+    shared = loaded.config.server.state.kind != "memory"
+    if requested is None:
+        from router.server.workers import default_workers
+
+        return default_workers() if shared else 1
+    if requested < 1:
+        raise CliError("--workers: at least 1")
+    if requested > 1 and not shared:
+        raise CliError(
+            "--workers above 1 needs server.state.kind: redis: the workers share rate limits, "
+            "budgets and hot swaps through it (the in-process store is one per process)"
+        )
+    return requested
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if getattr(args, "bundle", None) or not args.config:
         return serve_bundle(args, cmd_serve)
     loaded = load_config(args.config)
-    address = args.address or loaded.config.server.address
-    check_address(address)
+    server_config = loaded.config.server
+    address = args.address or server_config.address
+    http_address = args.http_address or server_config.http_address
+    workers = _workers(args.workers, loaded)
+    if not args.worker:  # workers share the ports their supervisor checked
+        check_address(address)
+        if http_address is not None:
+            check_address(http_address)
+    if workers > 1:
+        from router.server.workers import concrete_address, serve_workers
+
+        stop_within = server_config.drain_delay_seconds + server_config.grace_seconds + 10
+        http = concrete_address(http_address) if http_address else None
+        return serve_workers(args.config, workers, concrete_address(address), http, stop_within)
     from router.server.app import PlexusServer
 
     async def run() -> None:
-        server = PlexusServer(loaded, address=address)
+        server = PlexusServer(
+            loaded, address=address, http_address=http_address, reuse_port=args.worker
+        )
         try:
             port = await server.start()
         except (RuntimeError, OSError) as exc:
@@ -327,14 +359,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"pass --address or stop the other server",
                 EXIT_ADDRESS,
             ) from exc
-        print(f"plexus serving on {server.address.rpartition(':')[0]}:{port}", flush=True)
-        if server.http_port:
-            host = (loaded.config.server.http_address or "").rpartition(":")[0]
-            scheme = "https" if loaded.config.server.tls else "http"
+        if server.http_port:  # first: "serving on" is the line that says everything is up
+            host = (http_address or "").rpartition(":")[0]
+            scheme = "https" if server_config.tls else "http"
             print(
                 f"plexus OpenAI-compatible front door on {scheme}://{host}:{server.http_port}/v1",
                 flush=True,
             )
+        print(f"plexus serving on {server.address.rpartition(':')[0]}:{port}", flush=True)
         await server.serve_until_signalled()
 
     asyncio.run(run())
@@ -508,6 +540,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="serve the gRPC API until SIGTERM/SIGINT")
     p.add_argument("config", type=Path, nargs="?", help="the configuration (or --bundle FILE)")
     p.add_argument("--address", help="HOST:PORT to listen on (overrides server.address)")
+    p.add_argument("--http-address", help="HOST:PORT of the OpenAI-compatible front door")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="serving processes sharing the ports (default: one per core with a Redis "
+        "server.state, else 1)",
+    )
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     add_serve_bundle_arguments(p)
     p.set_defaults(func=cmd_serve)
 

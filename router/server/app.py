@@ -25,20 +25,23 @@ log = logging.getLogger("plexus.server")
 SERVICE_NAMES = [service.full_name for service in pb.DESCRIPTOR.services_by_name.values()]
 
 
-def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
-    """Channel options shared by the Plexus server and the benchmark's echo server."""
+def server_options(config: ServerConfig, reuse_port: bool = False) -> list[tuple[str, Any]]:
+    """Channel options shared by the Plexus server and the benchmark's echo server.
+
+    ``reuse_port``: the workers of one ``serve --workers`` share the port (SO_REUSEPORT); a
+    lone server does not, so a second server on its port fails instead of splitting traffic."""
     return [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
 
 
-def new_server(config: ServerConfig) -> grpc.aio.Server:
+def new_server(config: ServerConfig, reuse_port: bool = False) -> grpc.aio.Server:
     return grpc.aio.server(
-        options=server_options(config),
+        options=server_options(config, reuse_port),
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
 
@@ -69,13 +72,23 @@ class PlexusServer:
     """The Plexus gRPC server: Router and Admin services, health checking and reflection."""
 
     def __init__(
-        self, loaded: LoadedConfig, plexus: Plexus | None = None, address: str | None = None
+        self,
+        loaded: LoadedConfig,
+        plexus: Plexus | None = None,
+        address: str | None = None,
+        *,
+        http_address: str | None = None,
+        reuse_port: bool = False,
     ):
+        """``address`` / ``http_address`` override the configuration's; ``reuse_port``: one
+        of the workers of ``serve --workers`` (they share the ports)."""
         self.loaded = loaded
         self.config = loaded.config.server
         self.plexus = plexus or Plexus(loaded)
         self.address = address or self.config.address
-        self.server = new_server(self.config)
+        self.http_address = http_address or self.config.http_address
+        self.reuse_port = reuse_port
+        self.server = new_server(self.config, reuse_port)
         executor = self.plexus.executor
         self.changes = ChangeNotices(
             self.plexus,
@@ -107,9 +120,9 @@ class PlexusServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {self.address}")
         await self.server.start()
-        if self.config.http_address is not None:
+        if self.http_address is not None:
             self.http_runner, self.http_port = await start_http(
-                self.plexus, self.config.http_address, self.config.grace_seconds
+                self.plexus, self.http_address, self.config.grace_seconds, self.reuse_port
             )
             log.info("plexus OpenAI-compatible front door on port %d", self.http_port)
         # Everything loaded so far (libraries, models) lives as long as the server: move it out

@@ -426,7 +426,7 @@ def ssl_context(loaded: LoadedConfig) -> ssl.SSLContext | None:
 
 
 async def start_http(
-    plexus: Plexus, address: str, grace_seconds: float = 5.0
+    plexus: Plexus, address: str, grace_seconds: float = 5.0, reuse_port: bool = False
 ) -> tuple[web.AppRunner, int]:
     """Serve the front door on ``address`` (``HOST:PORT``; port 0 picks one); the runner to
     clean up, and the port."""
@@ -439,7 +439,11 @@ async def start_http(
     )
     await runner.setup()
     site = web.TCPSite(
-        runner, host.strip("[]") or None, int(port), ssl_context=ssl_context(plexus.loaded)
+        runner,
+        host.strip("[]") or None,
+        int(port),
+        ssl_context=ssl_context(plexus.loaded),
+        reuse_port=reuse_port,
     )
     await site.start()
     sockets = site._server.sockets if site._server is not None else []  # noqa: SLF001
