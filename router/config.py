@@ -72,6 +72,24 @@ class AuditConfig(_Strict):
     )
 
 
+class TracingConfig(_Strict):
+    """OpenTelemetry traces: a span per request and one per stage, exported over OTLP/gRPC.
+
+    ``none`` (the default) exports nothing; a caller's ``traceparent`` is still passed on to
+    the backends, so their logs share its trace id."""
+
+    exporter: Literal["none", "otlp"] = "none"
+    endpoint: str = Field(
+        "",
+        description="otlp: the collector's gRPC endpoint, e.g. http://127.0.0.1:4317 (empty: "
+        "OTEL_EXPORTER_OTLP_ENDPOINT, else localhost:4317)",
+    )
+    sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="share of traces started here that are kept"
+    )
+    service_name: str = Field("plexus", min_length=1, max_length=128)
+
+
 class ServerConfig(_Strict):
     address: str = "127.0.0.1:50051"
     max_text_chars: int = Field(2000, gt=0, le=1_000_000)
@@ -95,6 +113,13 @@ class ServerConfig(_Strict):
         120.0, gt=0, le=3600, description="an HTTP call's deadline (x-plexus-timeout may ask less)"
     )
     http_read_seconds: float = Field(10.0, gt=0, le=600, description="to send a request's body")
+    metrics_address: str | None = Field(
+        None, description="HOST:PORT of /metrics, /status and /healthz (off when unset)"
+    )
+    tracing: TracingConfig = TracingConfig()
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="plexus serve's log lines: auto is text on a terminal, else JSON"
+    )
     audit_dir: Path = Field(Path("audit"), description="audit trails live here, per tenant")
     audit_key_env: str = Field(
         "", description="environment variable holding the Ed25519 checkpoint signing key"
@@ -111,7 +136,7 @@ class ServerConfig(_Strict):
             raise ValueError("audit_key_env: expected an environment variable name")
         return self
 
-    @field_validator("address", "http_address")
+    @field_validator("address", "http_address", "metrics_address")
     @classmethod
     def _address(cls, value: str | None) -> str | None:
         if value is None:

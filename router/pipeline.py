@@ -35,6 +35,7 @@ from router.backends.resilience import Served, StreamInterrupted
 from router.backends.types import BackendError, Finished, Message, TokenDelta, Usage
 from router.calls import Caller, RouteDecision, RouteQuery
 from router.errors import PlexusError
+from router.observe.tracing import TraceContext, new_trace
 
 if TYPE_CHECKING:
     import numpy as np
@@ -120,6 +121,19 @@ class RequestState:
     """``OK``, the status of an error that stopped the request, or a streamed error's code."""
     error: BaseException | None = None
     recorded: bool = False
+    started_ns: int = field(default_factory=time.time_ns)
+    """Wall-clock nanoseconds (``time.time_ns()``) when the request began: its spans start here."""
+    trace: TraceContext = field(default_factory=new_trace)
+    """The request's W3C trace: the caller's ``traceparent`` continued, or a new trace."""
+    first_token_ns: int = 0
+    """``time.time_ns()`` when the backend's first token came (0: none yet, or not watched)."""
+    served_by: str = ""
+    """The backend that answered, once its first token came (when ``first_token_ns`` is)."""
+
+    @property
+    def trace_id(self) -> str:
+        """The trace id, 32 hex digits (logs and the audit record carry it)."""
+        return self.trace.trace_id
 
     @property
     def metadata(self) -> dict[str, str]:

@@ -29,6 +29,9 @@ from router.governance.output import OutputChecks, RestorePlaceholders
 from router.governance.rules import Governance, compile_rules, warm
 from router.keys import KeyRing
 from router.observe.audit import AuditTrail
+from router.observe.logs import RequestLog
+from router.observe.metrics import Metrics
+from router.observe.tracing import Tracing
 from router.pipeline import OutputGuard, Pipeline, Recorder, Stage
 from router.policy.limits import Limits
 from router.routing.decider import Deciders
@@ -52,7 +55,11 @@ class Plexus:
         guards_in: Sequence[Stage] = (),
         guards_out: Sequence[OutputGuard] = (),
         recorders: Sequence[Recorder] = (),
+        metrics: bool | None = None,
+        tracing: Tracing | None = None,
     ):
+        """``metrics``: count requests for Prometheus (None: when ``server.metrics_address`` is
+        set); ``tracing``: where spans go (None: ``server.tracing``)."""
         self.loaded = loaded
         self.config = loaded.config.server
         tenants = loaded.config.tenants
@@ -73,6 +80,11 @@ class Plexus:
         self.policy = ConfiguredChain(tenants, self.governance, self.limits)
         # The audit trail records first: a recorder failing after it leaves no request unaudited.
         self.audit = AuditTrail.from_config(loaded)
+        if metrics is None:
+            metrics = self.config.metrics_address is not None
+        self.metrics = Metrics(self) if metrics else None
+        self.tracing = tracing if tracing is not None else Tracing.from_config(loaded)
+        observers: list[Recorder] = [r for r in (self.metrics, self.tracing) if r is not None]
         self.pipeline = Pipeline(
             prep=Prep.from_config(loaded),
             guards_in=[
@@ -85,12 +97,22 @@ class Plexus:
             policy=self.policy,
             stitch=Stitch(self.sources, self.batcher, self.executor),
             generate=Generate(
-                self.backend_pools, {name: t.backends for name, t in tenants.items()}
+                self.backend_pools,
+                {name: t.backends for name, t in tenants.items()},
+                tracing=self.tracing,
+                note_first_token=bool(observers),
             ),
             guards_out=[RestorePlaceholders(), OutputChecks(self.governance), *guards_out],
-            recorders=[self.audit, *recorders] if self.audit else recorders,
+            recorders=[
+                *([self.audit] if self.audit else []),
+                *observers,
+                RequestLog(),
+                *recorders,
+            ],
             budget=Budget(self.limits),
         )
+        if self.tracing is not None:
+            self.tracing.follow(self.pipeline)
 
     def uses_encoder(self) -> bool:
         """Whether any tenant's model or context sources use the sentence encoder."""
@@ -133,3 +155,5 @@ class Plexus:
         await self.state.aclose()
         if self.audit is not None:
             await asyncio.to_thread(self.audit.close)  # the final checkpoints
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # the spans still queued

@@ -85,7 +85,11 @@ class GrpcBackend:
                 model=self.config.model,
                 request_id=request.request_id,
             )
-            call = self._generator().Generate(message, timeout=max(end - time.monotonic(), 0.001))
+            call = self._generator().Generate(
+                message,
+                timeout=max(end - time.monotonic(), 0.001),
+                metadata=(("traceparent", request.traceparent),) if request.traceparent else None,
+            )
             try:
                 limit = response_limit(max_tokens)
                 received = 0  # bytes of the answer

@@ -118,6 +118,8 @@ class OpenAIBackend:
             async with self._slot(end, request.priority):
                 body = self._body(request)
                 headers = self._headers()
+                if request.traceparent:
+                    headers["traceparent"] = request.traceparent
                 response = await self._send(body, headers, end)
                 try:
                     await self._check_status(response, end)

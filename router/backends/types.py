@@ -22,6 +22,7 @@ class GenerationRequest:
     request_id: str = ""
     metadata: dict[str, str] = field(default_factory=dict)  # route, tenant: for logs only
     priority: int = 1  # 0 high, 1 normal, 2 low: who gets a busy backend's next free slot
+    traceparent: str = ""  # W3C trace context for the call: an HTTP header, gRPC metadata
 
 
 @dataclass(frozen=True)

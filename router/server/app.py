@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from router._generated.plexus.v1 import plexus_pb2 as pb
 from router.config import ConfigError, LoadedConfig, ServerConfig
+from router.observe.status import start_observer
 from router.plexus import Plexus
 from router.server.changes import ChangeNotices
 from router.server.http import start_http
@@ -108,6 +109,9 @@ class PlexusServer:
         self.port = 0
         self.http_runner: web.AppRunner | None = None
         self.http_port = 0
+        self.metrics_runner: web.AppRunner | None = None
+        self.metrics_port = 0
+        self.serving = False
 
     async def start(self) -> int:
         await self.plexus.warm()
@@ -125,17 +129,24 @@ class PlexusServer:
                 self.plexus, self.http_address, self.config.grace_seconds, self.reuse_port
             )
             log.info("plexus OpenAI-compatible front door on port %d", self.http_port)
+        if self.config.metrics_address is not None and self.plexus.metrics is not None:
+            self.metrics_runner, self.metrics_port = await start_observer(
+                self.plexus, self.config.metrics_address, lambda: self.serving
+            )
+            log.info("plexus /metrics and /status on port %d", self.metrics_port)
         # Everything loaded so far (libraries, models) lives as long as the server: move it out
         # of the collector's sight so that full collections stay short on the request path.
         gc.collect()
         gc.freeze()
         for name in ["", *SERVICE_NAMES]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.serving = True
         log.info("plexus serving on port %d", self.port)
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, let in-flight calls finish within the grace period, stop."""
+        self.serving = False
         await self.health.enter_graceful_shutdown()
         grace = self.config.grace_seconds if grace is None else grace
         runner, self.http_runner = self.http_runner, None
@@ -144,6 +155,9 @@ class PlexusServer:
             self.server.stop(grace), *([runner.cleanup()] if runner is not None else [])
         )
         await self.changes.aclose()
+        metrics, self.metrics_runner = self.metrics_runner, None
+        if metrics is not None:  # scrapes go on while the calls drain
+            await metrics.cleanup()
         await self.plexus.aclose()
 
     async def serve_until_signalled(self) -> None:
@@ -157,6 +171,7 @@ class PlexusServer:
         # taking calls for drain_delay_seconds: grpc's stop() cancels calls that reached the
         # transport and were not handed to a handler yet, so stopping at once answered calls
         # sent a millisecond before the signal with CANCELLED.
+        self.serving = False
         await self.health.enter_graceful_shutdown()
         delay = self.config.drain_delay_seconds
         log.info(

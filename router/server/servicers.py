@@ -26,6 +26,7 @@ from router._generated.plexus.v1 import plexus_pb2 as pb
 from router.calls import Caller
 from router.config import ConfigError
 from router.errors import FailedPrecondition, InvalidArgument, PlexusError
+from router.observe.tracing import TRACEPARENT, traceparent_from_metadata
 from router.pipeline import ErrorEvent
 from router.plexus import Plexus
 from router.policy.limits import read_usage
@@ -86,7 +87,9 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before work")
-        return self.plexus.keys.authenticate(api_key_from_metadata(context.invocation_metadata()))
+        metadata = context.invocation_metadata()
+        TRACEPARENT.set(traceparent_from_metadata(metadata))  # this call's trace, if it has one
+        return self.plexus.keys.authenticate(api_key_from_metadata(metadata))
 
     if inspect.isasyncgenfunction(method):
 

@@ -1,0 +1,350 @@
+"""OpenTelemetry traces of requests: one span per request and one child span per stage.
+
+Nothing is traced on the request path itself. The pipeline already times every stage in
+order (``RequestState.timings_us``) from a wall-clock start (``RequestState.started_ns``), so
+the :class:`Tracing` recorder rebuilds the spans once the request has ended and hands them to
+an OpenTelemetry span processor (the OTLP exporter's batch processor; in tests, the SDK's
+in-memory exporter). Without an exporter configured there is no recorder and no cost.
+
+Trace context is W3C ``traceparent``: the gRPC servicer puts the caller's header into
+:data:`TRACEPARENT`, each request's :class:`TraceContext` continues it (or starts a new trace),
+and the generate stage passes a ``traceparent`` naming the generate span to the backend (an
+HTTP header, gRPC metadata). Output guards run inside generate, delta by delta: their spans
+start with generate's and last their summed time. Finer timing entries (``route.encode``,
+``stitch.sql:stores``) become attributes of their stage's span.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import time
+from collections.abc import Collection, Iterable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+
+    from router.config import LoadedConfig
+    from router.pipeline import Pipeline, RequestState
+
+TRACEPARENT: ContextVar[str] = ContextVar("plexus_traceparent", default="")
+"""The current call's incoming ``traceparent`` header (empty without one); set per call by the
+gRPC servicer, read when the call's ``RequestState`` is made."""
+
+_HEADER = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+_ids = random.Random(os.urandom(16))  # not the global generator: a seeded test cannot repeat ids
+
+
+def _span_id() -> int:
+    while True:
+        value = _ids.getrandbits(64)
+        if value:
+            return value
+
+
+def _trace_id() -> str:
+    while True:
+        value = _ids.getrandbits(128)
+        if value:
+            return f"{value:032x}"
+
+
+def parse_traceparent(header: str) -> tuple[str, str, bool] | None:
+    """``(trace_id, parent_span_id, sampled)`` from a W3C ``traceparent`` header, or None when
+    it is not a valid one (the trace then starts here, as the recommendation says)."""
+    if not isinstance(header, str) or len(header) > 512:
+        return None
+    found = _HEADER.fullmatch(header.strip())
+    if found is None:
+        return None
+    version, trace_id, parent_id, flags, rest = found.groups()
+    if version == "ff" or (version == "00" and rest is not None):
+        return None
+    if trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
+        return None
+    return trace_id, parent_id, bool(int(flags, 16) & 1)
+
+
+def traceparent_from_metadata(metadata: Iterable[tuple[str, Any]] | None) -> str:
+    """The ``traceparent`` entry of gRPC call metadata (empty without one)."""
+    for key, value in metadata or ():
+        if key == "traceparent":
+            return value if isinstance(value, str) else ""
+    return ""
+
+
+@dataclass(slots=True)
+class TraceContext:
+    """One request's place in a trace. Span ids are drawn when something first needs them."""
+
+    trace_id: str
+    """32 lowercase hex digits."""
+    parent_id: str = ""
+    """The caller's span (16 hex digits); empty when the trace starts here."""
+    sampled: bool | None = None
+    """The caller's sampled flag; None when the trace starts here (the sample ratio decides)."""
+    span_id: int = 0
+    generate_id: int = 0
+
+    def request_span(self) -> int:
+        """The id of this request's own span."""
+        if not self.span_id:
+            self.span_id = _span_id()
+        return self.span_id
+
+    def generate_span(self) -> int:
+        """The id of the generate stage's span: the parent the backends are told of."""
+        if not self.generate_id:
+            self.generate_id = _span_id()
+        return self.generate_id
+
+
+def new_trace() -> TraceContext:
+    """The trace of a request made now: the current call's ``traceparent`` continued, else a new
+    trace id."""
+    header = TRACEPARENT.get()
+    if header:
+        parsed = parse_traceparent(header)
+        if parsed is not None:
+            return TraceContext(*parsed)
+    return TraceContext(_trace_id())
+
+
+def outgoing_traceparent(trace: TraceContext, tracing: Tracing | None) -> str:
+    """The ``traceparent`` a backend call carries. With tracing, it names the generate span and
+    says whether this trace is sampled; without, the caller's header goes on unchanged (a
+    trace that starts here is passed on unsampled, so the backend's logs can name it)."""
+    if tracing is None:
+        if trace.parent_id:
+            return f"00-{trace.trace_id}-{trace.parent_id}-{'01' if trace.sampled else '00'}"
+        return f"00-{trace.trace_id}-{trace.generate_span():016x}-00"
+    flags = "01" if tracing.sampled(trace) else "00"
+    return f"00-{trace.trace_id}-{trace.generate_span():016x}-{flags}"
+
+
+def stopped_stage(state: RequestState, stage_order: Sequence[str]) -> str:
+    """The stage that stopped a request that did not end OK: the first of ``stage_order`` (the
+    pipeline's stages before generate) without a timing, else ``generate`` for a generation
+    that ended without a final event; empty when every stage ran (a recorder failed, say)."""
+    ran = state.timings_us
+    for stage in stage_order:
+        if stage not in ran:
+            return stage
+    if state.generates and "generate" not in ran:
+        return "generate"
+    return ""
+
+
+def _number(value: float) -> float:
+    return value if value == value and abs(value) != float("inf") else 0.0
+
+
+class Tracing:
+    """The tracing recorder: a finished request's spans, handed to ``processor``.
+
+    ``sample_ratio`` keeps that share of the traces that start here (by trace id, so every
+    replica keeps the same ones); a caller's sampled flag decides for the traces it started.
+    ``stage_order`` names the pipeline's stages in order, so a failed request's span says which
+    stage stopped it; ``output_guards`` names the stages that run inside generate.
+    """
+
+    def __init__(
+        self,
+        processor: SpanProcessor,
+        *,
+        sample_ratio: float = 1.0,
+        service_name: str = "plexus",
+        stage_order: Sequence[str] = (),
+        output_guards: Collection[str] = (),
+    ):
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+        from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
+
+        if not 0.0 <= sample_ratio <= 1.0:
+            raise ValueError(f"sample_ratio must be within [0, 1], not {sample_ratio}")
+        self.processor = processor
+        self.sample_ratio = sample_ratio
+        self._bound = round(sample_ratio * (1 << 64))
+        self.stage_order = tuple(stage_order)
+        self.output_guards = frozenset(output_guards)
+        self._resource = Resource.create({"service.name": service_name})
+        self._scope = InstrumentationScope("plexus.router")
+        self._sampled = TraceFlags(TraceFlags.SAMPLED)
+        self._kinds = (SpanKind.SERVER, SpanKind.INTERNAL, SpanKind.CLIENT)
+        self._ok = Status(StatusCode.UNSET)
+        self._status = Status
+        self._error = StatusCode.ERROR
+
+    @classmethod
+    def from_config(cls, loaded: LoadedConfig) -> Tracing | None:
+        """The configured tracing (``server.tracing``); None for ``exporter: none``."""
+        config = loaded.config.server.tracing
+        if config.exporter == "none":
+            return None
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        exporter = OTLPSpanExporter(endpoint=config.endpoint or None)
+        return cls(
+            BatchSpanProcessor(exporter),
+            sample_ratio=config.sample_ratio,
+            service_name=config.service_name,
+        )
+
+    def sampled(self, trace: TraceContext) -> bool:
+        """Whether the spans of this trace are kept."""
+        if trace.sampled is not None:
+            return trace.sampled
+        return int(trace.trace_id[16:], 16) < self._bound
+
+    async def record(self, state: RequestState) -> None:
+        """Hand the request's spans to the processor (when its trace is sampled)."""
+        if self.sampled(state.trace):
+            for span in self.spans(state, time.time_ns()):
+                self.processor.on_end(span)
+
+    def spans(self, state: RequestState, end_ns: int) -> list[ReadableSpan]:
+        """The request's span and its stages' spans, the request's first."""
+        from opentelemetry.sdk.trace import Event, ReadableSpan
+        from opentelemetry.trace import SpanContext
+
+        trace = state.trace
+        trace_id = int(trace.trace_id, 16)
+        flags = self._sampled
+        server, internal, client = self._kinds
+        parent = (
+            SpanContext(trace_id, int(trace.parent_id, 16), True, flags)
+            if trace.parent_id
+            else None
+        )
+        request = SpanContext(trace_id, trace.request_span(), False, flags)
+        start = state.started_ns
+        end_ns = max(end_ns, start)
+        decision = state.decision
+        final = state.final
+        failed = state.outcome != "OK"
+
+        # the stages, end to end from the start; finer entries attach to their stage
+        stages: list[tuple[str, int, int]] = []  # name, start, end
+        details: dict[str, dict[str, int]] = {}
+        cursor = start
+        generate_start = 0
+        for name, micros in state.timings_us.items():
+            stage, dot, detail = name.partition(".")
+            if dot:
+                details.setdefault(stage, {})[detail] = micros
+            elif name in self.output_guards:
+                stages.append((name, cursor, cursor + micros * 1000))
+            else:
+                if name == "generate":
+                    generate_start = cursor
+                stages.append((name, cursor, cursor + micros * 1000))
+                cursor += micros * 1000
+        stopped = stopped_stage(state, self.stage_order) if failed else ""
+        if stopped:  # the stage that stopped the request has no timing: it runs to the end
+            if stopped == "generate":
+                generate_start = cursor
+            stages.append((stopped, cursor, end_ns))
+
+        attributes: dict[str, Any] = {
+            "rpc.method": state.rpc,
+            "plexus.tenant": state.caller.tenant,
+            "plexus.app": state.query.app,
+            "plexus.outcome": state.outcome,
+        }
+        if state.query.request_id:
+            attributes["plexus.request_id"] = state.query.request_id
+        if decision is not None:
+            attributes["plexus.route"] = decision.route
+            attributes["plexus.model_version"] = decision.model_version
+            attributes["plexus.confidence"] = _number(float(decision.confidence))
+            attributes["plexus.abstained"] = bool(decision.abstained)
+        if state.rules_applied:
+            attributes["plexus.rules_applied"] = list(state.rules_applied)
+        backend = final.backend if final is not None else ""
+        if final is not None:
+            attributes["plexus.backend"] = backend
+            attributes["plexus.attempts"] = final.attempts
+            attributes["plexus.fallbacks_tried"] = list(final.fallbacks_tried)
+            attributes["gen_ai.usage.input_tokens"] = final.usage.prompt_tokens
+            attributes["gen_ai.usage.output_tokens"] = final.usage.completion_tokens
+            attributes["plexus.cost"] = _number(final.cost)
+        elif state.chain:
+            attributes["plexus.chain"] = list(state.chain)
+        error = self._status(self._error, state.outcome) if failed else self._ok
+
+        findings: dict[str, list[Event]] = {}
+        for finding in state.findings:
+            findings.setdefault(finding.stage, []).append(
+                Event(
+                    "finding",
+                    {"plexus.kind": finding.kind, "plexus.action": finding.action},
+                    timestamp=end_ns,
+                )
+            )
+
+        spans = [
+            ReadableSpan(
+                f"plexus.{state.rpc}",
+                context=request,
+                parent=parent,
+                resource=self._resource,
+                attributes=attributes,
+                kind=server,
+                status=error,
+                start_time=start,
+                end_time=end_ns,
+                instrumentation_scope=self._scope,
+            )
+        ]
+        for name, began, ended in stages:
+            ended = min(ended, end_ns)
+            began = min(began, ended)
+            stage_attributes: dict[str, Any] = {"plexus.stage": name}
+            for detail, micros in details.get(name, {}).items():
+                stage_attributes[f"plexus.detail_us.{detail}"] = micros
+            kind = internal
+            events = [Event(e.name, e.attributes, timestamp=ended) for e in findings.get(name, ())]
+            if name == "generate":
+                kind = client
+                span_id = trace.generate_span()
+                if backend:
+                    stage_attributes["plexus.backend"] = backend
+                if state.first_token_ns:
+                    events.append(Event("first_token", timestamp=state.first_token_ns))
+            else:
+                span_id = _span_id()
+            if name in self.output_guards and generate_start:
+                began, ended = generate_start, min(generate_start + (ended - began), end_ns)
+            spans.append(
+                ReadableSpan(
+                    name,
+                    context=SpanContext(trace_id, span_id, False, flags),
+                    parent=request,
+                    resource=self._resource,
+                    attributes=stage_attributes,
+                    events=events,
+                    kind=kind,
+                    status=error if name == stopped else self._ok,
+                    start_time=began,
+                    end_time=ended,
+                    instrumentation_scope=self._scope,
+                )
+            )
+        return spans
+
+    def follow(self, pipeline: Pipeline) -> None:
+        """Learn ``pipeline``'s stage order and its output guards."""
+        self.stage_order = tuple(stage.name for stage in pipeline.to_generate)
+        self.output_guards = frozenset(guard.name for guard in pipeline.guards_out)
+
+    def shutdown(self) -> None:
+        """Export what is still queued and stop the processor."""
+        self.processor.shutdown()
