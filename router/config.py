@@ -177,6 +177,20 @@ class IvfConfig(_Strict):
     nprobe: int = Field(16, ge=1)
 
 
+class HybridConfig(_Strict):
+    """How a collection mixes its vectors' cosine with BM25 over the chunks' words."""
+
+    bm25_weight: float = Field(
+        0.2, ge=0, le=1, description="the BM25 share of a hit's score; 0 searches vectors alone"
+    )
+    fusion: Literal["blend", "rrf"] = Field(
+        "blend", description="blend: scaled scores mixed; rrf: reciprocal rank fusion"
+    )
+    candidates: int = Field(
+        50, ge=1, le=1000, description="hits taken from each of the two searches before fusing"
+    )
+
+
 class CollectionConfig(_Strict):
     """One vector collection of a tenant: its index choice and how documents are chunked."""
 
@@ -185,6 +199,7 @@ class CollectionConfig(_Strict):
     exact_max_vectors: int = Field(20_000, ge=0, description="auto: exact search up to this size")
     hnsw: HnswConfig = HnswConfig()
     ivf: IvfConfig = IvfConfig()
+    hybrid: HybridConfig = HybridConfig()
     chunk_tokens: int = Field(200, ge=16, le=512)
     chunk_overlap: int = Field(40, ge=0)
     near_duplicate: float = Field(0.95, gt=0, le=1, description="cosine at which chunks merge")

@@ -2,7 +2,13 @@
 
 Layout: ``DATA_DIR/<tenant>/collections/<name>/`` holds versions ``v0001/``, ``v0002/``, ... and
 ``CURRENT``, which names the live one. A version directory holds ``chunks.sqlite`` (the chunks,
-their embeddings and the digest of each source), ``index.faiss`` and ``meta.json``.
+their embeddings, the digest of each source and the lexical index of
+:mod:`router.context.lexical`), ``index.faiss`` and ``meta.json``.
+
+A search is hybrid when the collection's ``hybrid.bm25_weight`` is above 0 and the question's
+text is given: the vector index's nearest chunks and the lexical index's best BM25 chunks are
+pooled and ranked by :func:`~router.context.lexical.fuse`; a version written before the lexical
+index existed is searched by its vectors alone (a warning at load says to re-ingest it).
 
 A new version is built by a :class:`CollectionWriter` in a temporary directory inside the
 collection directory, renamed into place when complete, and only then named by ``CURRENT``
@@ -36,7 +42,15 @@ from typing import Any
 import faiss
 import numpy as np
 
-from router.config import NAME_PATTERN, CollectionConfig, LoadedConfig
+from router.config import NAME_PATTERN, CollectionConfig, HybridConfig, LoadedConfig
+from router.context.lexical import (
+    TOKENIZER,
+    LexicalIndex,
+    fuse,
+    has_lexical_index,
+    query_terms,
+    write_lexical_index,
+)
 from router.context.types import ChunkRecord, SearchHit, StoredChunk
 from router.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 from router.files import atomic_write, fsync_dir, next_version, sorted_versions, version_number
@@ -349,6 +363,8 @@ class CollectionWriter:
             self._conn.execute("PRAGMA journal_mode=MEMORY")
             self._conn.execute("PRAGMA synchronous=OFF")  # the file is fsynced at commit
             self._conn.executescript(_SCHEMA)
+            if self.base_version and not has_lexical_index(self._conn):
+                self.changed = True  # written before the lexical index: this version adds it
             self._conn.execute("BEGIN")
             stored = self._conn.execute(
                 "SELECT value FROM settings WHERE key = 'next_chunk_id'"
@@ -540,6 +556,11 @@ class CollectionWriter:
         ids, vectors = self.embeddings_matrix()
         index, kind = build_index(vectors, ids, self.config)
         faiss.write_index(index, str(self._tmp / INDEX_FILE))
+        lexical_started = time.perf_counter()
+        terms = write_lexical_index(
+            db, db.execute("SELECT chunk_id, title, text FROM chunks ORDER BY chunk_id")
+        )
+        lexical_seconds = time.perf_counter() - lexical_started
         db.execute("COMMIT")
         db.close()
         self._conn = None
@@ -556,6 +577,11 @@ class CollectionWriter:
             "encoder": self.encoder,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(time.perf_counter() - started, 3),
+            "lexical": {
+                "tokenizer": TOKENIZER,
+                "terms": terms,
+                "build_seconds": round(lexical_seconds, 3),
+            },
             "config": self.config.model_dump(mode="json"),
         }
         (self._tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -592,10 +618,11 @@ def _tags(value: str) -> tuple[str, ...]:
 
 
 class Collection:
-    """A read-only, loaded version of one collection: a FAISS index and its chunk store.
+    """A read-only, loaded version of one collection: a FAISS index, its chunk store and the
+    store's lexical index (None for a version written before it existed).
 
-    Thread-safe: FAISS searches run concurrently; chunk reads share one read-only SQLite
-    connection under a lock. Nothing on the search path touches other files.
+    Thread-safe: FAISS searches run concurrently; chunk and postings reads share one
+    read-only SQLite connection under a lock. Nothing on the search path touches other files.
     """
 
     def __init__(
@@ -612,6 +639,8 @@ class Collection:
         meta: Mapping[str, Any],
         device: str = "cpu",
         gpu_resources: Any = None,
+        lexical: LexicalIndex | None = None,
+        hybrid: HybridConfig | None = None,
     ) -> None:
         self.tenant = tenant
         self.name = name
@@ -626,6 +655,8 @@ class Collection:
         self._gpu_resources = gpu_resources  # must outlive a GPU index
         self._connection = connection
         self._lock = threading.Lock()
+        self.lexical = lexical
+        self.hybrid = hybrid or HybridConfig()
         # CPU indexes answer concurrent searches; GPU indexes and their resources do not
         self._search_lock = threading.Lock() if device == "cuda" else None
 
@@ -688,6 +719,32 @@ class Collection:
                 f"collection {shown(name)} {version}: the index holds {index.ntotal} vectors but "
                 f"the store {count} chunks (re-ingest it)"
             )
+        lexical = None
+        try:
+            if has_lexical_index(connection):
+                lexical = LexicalIndex(connection)
+        except (sqlite3.Error, KeyError, ValueError) as exc:
+            log.warning("collection %s %s: unreadable lexical index (%s)", name, version, exc)
+        if lexical is not None and lexical.size != count:
+            log.warning(
+                "collection %s %s: the lexical index holds %d chunks but the store %d",
+                name,
+                version,
+                lexical.size,
+                count,
+            )
+            lexical = None
+        if lexical is None and config.hybrid.bm25_weight > 0:
+            log.warning(
+                "collection %s of tenant %s (%s) has no lexical index: it was ingested before "
+                "hybrid search existed, so it is searched by its vectors alone; re-ingest it "
+                "(`plexus ingest CONFIG --tenant %s --collection %s PATH`) to add BM25",
+                name,
+                tenant,
+                version,
+                tenant,
+                name,
+            )
         resources = None
         used_device = "cpu"
         if device == "cuda":
@@ -716,6 +773,8 @@ class Collection:
             meta=meta,
             device=used_device,
             gpu_resources=resources,
+            lexical=lexical,
+            hybrid=config.hybrid,
         )
 
     def close(self) -> None:
@@ -781,16 +840,34 @@ class Collection:
         k: int,
         min_score: float = -1.0,
         tags: Sequence[str] = (),
+        text: str = "",
     ) -> list[SearchHit]:
-        """Up to ``k`` chunks scoring at least ``min_score`` and carrying every tag, best first.
+        """Up to ``k`` chunks whose cosine is at least ``min_score`` and that carry every tag,
+        best first.
 
-        With tags, it over-fetches (k x 4, growing up to the collection size) until ``k`` hits
-        pass the filter or nothing more can.
+        Hybrid (when ``text`` has words, the version has a lexical index and
+        ``hybrid.bm25_weight`` is above 0): the ``hybrid.candidates`` nearest chunks and the
+        ``hybrid.candidates`` best BM25 chunks for ``text`` are pooled and each hit's score is
+        the fused relevance in [0, 1]; otherwise the score is the cosine. With tags, it
+        over-fetches (x 4, growing up to the collection size) until ``k`` hits pass the filter
+        or nothing more can.
         """
         query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
         if k < 1 or self.size == 0:
             return []
-        required = frozenset(tags)
+        words = query_terms(text) if text and self.hybrid_active else []
+        if words:
+            return self._hybrid_hits(query, words, k, min_score, frozenset(tags))
+        return self._dense_hits(query, k, min_score, frozenset(tags))
+
+    @property
+    def hybrid_active(self) -> bool:
+        """Whether searches given the question's text mix in BM25."""
+        return self.lexical is not None and self.hybrid.bm25_weight > 0
+
+    def _dense_hits(
+        self, query: np.ndarray, k: int, min_score: float, required: frozenset[str]
+    ) -> list[SearchHit]:
         fetch = min(self.size, k * 4 if required else k)
         cache: dict[int, StoredChunk] = {}
         while True:
@@ -799,9 +876,7 @@ class Collection:
                 (float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0
             ]
             passing = [(s, i) for s, i in candidates if s >= min_score]
-            missing = [i for _, i in passing if i not in cache]
-            for chunk in self.chunks(missing):
-                cache[chunk.chunk_id] = chunk
+            self._cache_chunks(cache, [i for _, i in passing])
             hits = [
                 SearchHit(cache[i], s)
                 for s, i in passing
@@ -813,6 +888,87 @@ class Collection:
             if len(hits) >= k or exhausted:
                 return hits[:k]
             fetch = min(self.size, fetch * 4)
+
+    def _hybrid_hits(
+        self,
+        query: np.ndarray,
+        words: Sequence[str],
+        k: int,
+        min_score: float,
+        required: frozenset[str],
+    ) -> list[SearchHit]:
+        lexical = self.lexical
+        assert lexical is not None
+        with self._lock:
+            postings = lexical.postings(self._connection, words)
+        bm25 = lexical.scores(postings)  # by row
+        matching = np.flatnonzero(bm25 > 0)
+        depth = max(k, self.hybrid.candidates)
+        fetch = min(self.size, depth * 4 if required else depth)
+        cache: dict[int, StoredChunk] = {}
+        cosines: dict[int, float] = {}
+        while True:
+            scores, ids = self.search(query, fetch)
+            dense = [int(i) for i in ids[0] if i >= 0]
+            for s, i in zip(scores[0], ids[0], strict=True):
+                if i >= 0:
+                    cosines[int(i)] = float(s)
+            if len(matching) > fetch:
+                best = matching[np.argpartition(-bm25[matching], fetch - 1)[:fetch]]
+            else:
+                best = matching
+            best = best[np.argsort(-bm25[best], kind="stable")]
+            words_only = [int(i) for i in lexical.ids[best] if int(i) not in cosines]
+            cosines.update(self._cosines(query[0], words_only))
+            pooled = list(dict.fromkeys(dense + [int(i) for i in lexical.ids[best]]))
+            passing = [i for i in pooled if cosines.get(i, -np.inf) >= min_score]
+            rows = lexical.rows_of(np.asarray(passing, dtype=np.int64))
+            fused = fuse(
+                np.asarray([cosines[i] for i in passing], dtype=np.float32),
+                np.where(rows >= 0, bm25[np.maximum(rows, 0)], 0.0),
+                self.hybrid.fusion,
+                self.hybrid.bm25_weight,
+            )
+            order = np.argsort(-fused, kind="stable")
+            ranked = [(passing[j], float(fused[j])) for j in order.tolist()]
+            self._cache_chunks(cache, [i for i, _ in (ranked if required else ranked[:k])])
+            hits = [
+                SearchHit(cache[i], score)
+                for i, score in ranked
+                if i in cache and required.issubset(cache[i].tags)
+            ]
+            dense_exhausted = len(dense) < fetch or any(cosines[i] < min_score for i in dense)
+            exhausted = fetch >= self.size or (dense_exhausted and len(matching) <= fetch)
+            if len(hits) >= k or exhausted:
+                return hits[:k]
+            fetch = min(self.size, fetch * 4)
+
+    def _cache_chunks(self, cache: dict[int, StoredChunk], ids: Sequence[int]) -> None:
+        missing = [i for i in ids if i not in cache]
+        for chunk in self.chunks(missing):
+            cache[chunk.chunk_id] = chunk
+
+    def _cosines(self, query: np.ndarray, ids: Sequence[int]) -> dict[int, float]:
+        """The inner product of ``query`` with each stored chunk's embedding."""
+        if not ids:
+            return {}
+        found: dict[int, float] = {}
+        with self._lock:
+            for start in range(0, len(ids), _SQL_BATCH):
+                batch = list(ids[start : start + _SQL_BATCH])
+                marks = ",".join("?" * len(batch))
+                rows = self._connection.execute(
+                    f"SELECT chunk_id, embedding FROM chunks WHERE chunk_id IN ({marks})", batch
+                ).fetchall()
+                if not rows:
+                    continue
+                matrix = np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.float32)
+                values = matrix.reshape(len(rows), self.dim) @ query
+                found.update(
+                    (int(chunk_id), float(v))
+                    for (chunk_id, _), v in zip(rows, values.tolist(), strict=True)
+                )
+        return found
 
 
 class TenantCollections:

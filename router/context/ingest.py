@@ -5,6 +5,10 @@ characters, collapsed whitespace), cut into overlapping windows of the encoder's
 prefer to end at a paragraph or sentence, stripped of exact and near duplicates, embedded in
 batches and written through one :class:`~router.context.collections.CollectionWriter`: the new
 version appears whole or not at all.
+
+A chunk is embedded with its document's title on the line before its text (:func:`embedding_text`):
+a window cut from the middle of a long answer often never names what it is about, and the title
+does.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ from router.routing.encoder import (
 )
 
 BOUNDARY_ZONE = 0.2  # a window may end early at a boundary within its last 20%
+TITLE_TOKENS = 32  # at most this much of a title is embedded with each chunk
+EMBEDDED_AS = "title-line+text"
+"""Names what :func:`embedding_text` embeds; part of each source's digest, so a change of it
+re-embeds every source at the next ingestion."""
 _SENTENCE_END = frozenset(".!?…。！？;")
 _CLOSERS = frozenset("\"')]}»”’")
 
@@ -365,7 +373,8 @@ def _read_jsonl(path: Path, source: str) -> list[Document]:
         title = record.get("title") or ""
         if not isinstance(title, str):
             raise ReadError(f"{where}: 'title' must be a string")
-        record_id = _record_id(record.get("id"), where)
+        # "_id" is the BEIR layout's name for it
+        record_id = _record_id(record.get("id", record.get("_id")), where)
         documents.append(
             Document(
                 f"{source}#{record_id if record_id is not None else number}",
@@ -587,6 +596,7 @@ def document_digest(
             "chunk_tokens": chunk_tokens,
             "chunk_overlap": chunk_overlap,
             "encoder": encoder,
+            "embedded": EMBEDDED_AS,
         },
         ensure_ascii=False,
         sort_keys=True,
@@ -598,6 +608,18 @@ def _merge_tags(*groups: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(t for group in groups for t in group))
 
 
+def embedding_text(chunk: ChunkRecord) -> str:
+    """What is embedded for ``chunk``: the first :data:`TITLE_TOKENS` tokens of its title, a
+    newline, and its text (the text alone when it has no title)."""
+    if not chunk.title:
+        return chunk.text
+    encoding = plain_tokenizer().encode(chunk.title, add_special_tokens=False)
+    title = chunk.title
+    if len(encoding.offsets) > TITLE_TOKENS:
+        title = title[: encoding.offsets[TITLE_TOKENS - 1][1]]
+    return f"{title}\n{chunk.text}"
+
+
 def _embed(encoder: Encoder, texts: list[str], dim: int) -> np.ndarray:
     """Unit-norm embeddings of ``texts`` (whether or not the encoder normalises its own)."""
     out = encode_in_batches(encoder.encode, texts, dim, progress="embedding", unit="chunk")
@@ -606,14 +628,15 @@ def _embed(encoder: Encoder, texts: list[str], dim: int) -> np.ndarray:
 
 
 def _near_duplicates(
-    embeddings: np.ndarray, stored_best: np.ndarray, threshold: float
+    embeddings: np.ndarray, stored_best: np.ndarray, threshold: float, *, within: bool = True
 ) -> list[int]:
-    """Rows to keep: not within ``threshold`` cosine of a stored chunk or an earlier kept row."""
+    """Rows to keep: not within ``threshold`` cosine of a stored chunk or (with ``within``) of
+    an earlier kept row of the same document."""
     kept: list[int] = []
     for row in range(len(embeddings)):
         if stored_best[row] >= threshold:
             continue
-        if kept and float(np.max(embeddings[kept] @ embeddings[row])) >= threshold:
+        if within and kept and float(np.max(embeddings[kept] @ embeddings[row])) >= threshold:
             continue
         kept.append(row)
     return kept
@@ -711,7 +734,7 @@ def ingest(
                     unique.append(chunk)
             changed.chunks = unique
 
-        texts = [chunk.text for changed in pending for chunk in changed.chunks]
+        texts = [embedding_text(chunk) for changed in pending for chunk in changed.chunks]
         if texts:
             say(f"embedding {len(texts)} chunks from {len(pending)} documents")
         embeddings = _embed(encoder, texts, dim)
@@ -723,7 +746,14 @@ def ingest(
             stored_best = (
                 writer.max_similarity(vectors) if len(vectors) else np.empty(0, np.float32)
             )
-            kept = _near_duplicates(vectors, stored_best, config.near_duplicate)
+            # the chunks of a titled document share the title in their embeddings, which draws
+            # them together: among themselves only exact duplicates go
+            kept = _near_duplicates(
+                vectors,
+                stored_best,
+                config.near_duplicate,
+                within=not changed.document.title,
+            )
             report.duplicates_dropped += len(changed.chunks) - len(kept)
             writer.replace_source(
                 changed.document.source,

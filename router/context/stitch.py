@@ -87,7 +87,9 @@ class TenantStitcher:
         timings: dict[str, int] = {}
         verified = [self.signer.verify(packet, self.name) for packet in packets]
         plan = self.plans.get(decision.route, NO_CONTEXT)
-        pieces = self._gather(plan, metadata, decision.route, embedding, verified, timings)
+        pieces = self._gather(
+            plan, question, metadata, decision.route, embedding, verified, timings
+        )
         budget = plan.budget_tokens
         if budget_tokens:
             if budget_tokens > plan.budget_tokens:
@@ -120,6 +122,7 @@ class TenantStitcher:
     def _gather(
         self,
         plan: ContextConfig,
+        question: str,
         metadata: Mapping[str, str],
         route: str,
         embedding: np.ndarray | None,
@@ -128,7 +131,7 @@ class TenantStitcher:
     ) -> list[ContextPiece]:
         if packets and not any(isinstance(s, PacketSourceConfig) for s in plan.sources):
             raise InvalidArgument(f"route {route!r} takes no context packets")
-        request = _SourceRequest(route, metadata, embedding, packets)
+        request = _SourceRequest(route, question, metadata, embedding, packets)
         pieces: list[ContextPiece] = []
         for source in plan.sources:
             started = time.perf_counter_ns()
@@ -150,7 +153,11 @@ class TenantStitcher:
                 f"{collection.encoder!r}, not {SERVING_ENCODER_NAME!r}: re-ingest it"
             )
         hits = collection.search_hits(
-            request.embedding.reshape(-1), source.k, source.min_score, source.tags
+            request.embedding.reshape(-1),
+            source.k,
+            source.min_score,
+            source.tags,
+            text=request.question,
         )
         return [
             ContextPiece(
@@ -204,6 +211,7 @@ class _SourceRequest:
     """What a source reader may use of the request."""
 
     route: str
+    question: str  # the prepared text: what a hybrid collection search matches words with
     metadata: Mapping[str, str]
     embedding: np.ndarray | None
     packets: Sequence[ContextPacket]
