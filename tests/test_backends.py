@@ -146,7 +146,9 @@ async def test_streaming_success_yields_the_peers_text_and_usage(
 
     assert error is None
     assert text_of(events) == peer.behaviour.text
-    assert len([e for e in events if isinstance(e, TokenDelta)]) == len(peer.behaviour.words())
+    # Deltas that arrive together are passed on as one, counting for all their tokens.
+    deltas = [e for e in events if isinstance(e, TokenDelta)]
+    assert sum(d.tokens for d in deltas) == len(peer.behaviour.words())
     body = peer.requests[0].body
     assert events[-1] == Finished("stop", Usage(prompt_tokens(body), len(peer.behaviour.words())))
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
@@ -166,7 +168,8 @@ async def test_usage_is_estimated_when_the_peer_reports_none(
     assert error is None
     deltas = [e for e in events if isinstance(e, TokenDelta)]
     prompt_chars = sum(len(m.content) for m in request.messages)
-    assert events[-1].usage == Usage(prompt_chars // 4, len(deltas))
+    assert events[-1].usage == Usage(prompt_chars // 4, sum(d.tokens for d in deltas))
+    assert sum(d.tokens for d in deltas) == len(peer.behaviour.words())
 
 
 async def test_missing_api_key_variable_is_a_clear_error(
@@ -517,7 +520,9 @@ async def test_a_runaway_stream_is_stopped_at_max_tokens(
     events, error = await collect(resilient(openai_backend()).generate(request))
 
     assert error is None
-    assert len([e for e in events if isinstance(e, TokenDelta)]) == request.max_tokens == 64
+    deltas = [e for e in events if isinstance(e, TokenDelta)]
+    assert sum(d.tokens for d in deltas) == len("".join(d.text for d in deltas).split()) == 64
+    assert request.max_tokens == 64
     assert events[-1] == Finished("length", Usage(estimate_prompt_tokens(request), 64))
     assert await peer.wait_hangups(1) == 1
     assert await peer.wait_connections_closed() == 0
@@ -851,3 +856,12 @@ async def test_all_backends_failing_names_each_failure(peer: OpenAIPeer) -> None
     assert events == [] and error is not None and not isinstance(error, StreamInterrupted)
     assert str(error).startswith("all backends failed: a: HTTP 400")
     assert "; b: HTTP 400" in str(error)
+
+
+async def test_deltas_that_arrive_apart_stay_apart(
+    peer: OpenAIPeer, openai_backend: OpenAIFactory
+) -> None:
+    peer.behaviour = Behaviour(text="one two three", chunk_delay=0.05)
+    events, error = await collect(openai_backend().generate(make_request()))
+    assert error is None
+    assert [e.text.strip() for e in events if isinstance(e, TokenDelta)] == ["one", "two", "three"]

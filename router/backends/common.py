@@ -122,7 +122,7 @@ async def bound_output(
             text = event.text
             if not text:
                 continue
-            tokens = count_tokens(text)
+            tokens = event.tokens or count_tokens(text)
             if count + tokens > max_tokens:
                 yield Finished("length", Usage(estimate_prompt_tokens(request), count))
                 return

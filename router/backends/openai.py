@@ -274,6 +274,8 @@ class OpenAIBackend:
                 batch = lines.close() if eof else lines.feed(chunk)
             except _Oversized as exc:
                 raise oversized(self.name, str(exc)) from None
+            ready: list[str] = []  # this read's content: one delta, as long as it fits
+            ready_tokens = 0
             for line in batch:
                 if line:
                     if line.startswith("data:"):  # the usual field, without the general parse
@@ -301,8 +303,16 @@ class OpenAIBackend:
                 reason = finish or reason
                 usage = chunk_usage or usage
                 if content:
-                    tokens += count_tokens(content)
-                    yield TokenDelta(content)
+                    counted = count_tokens(content)
+                    if ready and tokens + counted > max_tokens:  # the bound cuts here, exactly
+                        yield TokenDelta("".join(ready), ready_tokens)
+                        ready.clear()
+                        ready_tokens = 0
+                    tokens += counted
+                    ready_tokens += counted
+                    ready.append(content)
+            if ready:  # deltas that arrived together go on together: one event, one message
+                yield TokenDelta(ready[0] if len(ready) == 1 else "".join(ready), ready_tokens)
         if done:
             await self._drain(body, limit - received, end)
         if not done and reason is None:

@@ -28,6 +28,9 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class TokenDelta:
     text: str
+    tokens: int = 0
+    """The output tokens it counts for, when the backend knows (deltas that arrived together,
+    passed on as one: the sum of theirs); 0: ``count_tokens(text)``."""
 
 
 @dataclass(frozen=True)
