@@ -91,6 +91,8 @@ class TraceContext:
     """The caller's sampled flag; None when the trace starts here (the sample ratio decides)."""
     span_id: int = 0
     generate_id: int = 0
+    generate_ns: int = 0
+    """``time.time_ns()`` when the generate stage began (0: it did not run)."""
 
     def request_span(self) -> int:
         """The id of this request's own span."""
@@ -242,15 +244,17 @@ class Tracing:
                 details.setdefault(stage, {})[detail] = micros
             elif name in self.output_guards:
                 stages.append((name, cursor, cursor + micros * 1000))
+            elif name == "generate":  # it began after the first events went out: as measured
+                generate_start = trace.generate_ns or cursor
+                stages.append((name, generate_start, generate_start + micros * 1000))
+                cursor = generate_start + micros * 1000
             else:
-                if name == "generate":
-                    generate_start = cursor
                 stages.append((name, cursor, cursor + micros * 1000))
                 cursor += micros * 1000
         stopped = stopped_stage(state, self.stage_order) if failed else ""
         if stopped:  # the stage that stopped the request has no timing: it runs to the end
             if stopped == "generate":
-                generate_start = cursor
+                cursor = generate_start = trace.generate_ns or cursor
             stages.append((stopped, cursor, end_ns))
 
         attributes: dict[str, Any] = {

@@ -53,6 +53,7 @@ class Generate:
 
     def stream(self, state: RequestState) -> AsyncGenerator[GenerationEvent | Served, None]:
         assert state.context is not None and state.limits is not None and state.decision
+        state.trace.generate_ns = time.time_ns()
         request = GenerationRequest(
             messages=(*state.history, Message("user", state.context.assembly.prompt)),
             max_tokens=state.limits.max_tokens,
