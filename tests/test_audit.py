@@ -36,6 +36,7 @@ from router.errors import PlexusError
 from router.observe.audit import (
     CHECKPOINT_FILE,
     GENESIS,
+    AuditDamaged,
     AuditLog,
     AuditTrail,
     AuditUnavailable,
@@ -305,6 +306,33 @@ def test_reopening_refuses_a_damaged_last_record(tmp_path, trained_config):
         AuditTrail.from_config(loaded)
 
 
+def test_reopening_refuses_a_trail_cut_before_its_latest_checkpoint(tmp_path):
+    folder = tmp_path / "t"
+    audit = AuditLog(folder, "t", signing_key=new_key())
+    append_serially(audit, 5)
+    audit.close()
+    ((_, last),) = segments(folder)
+    lines = last.read_bytes().splitlines(keepends=True)
+    last.write_bytes(b"".join(lines[:-2]))
+    with pytest.raises(AuditDamaged, match="it was cut"):
+        AuditLog(folder, "t")
+
+
+def test_reopening_restores_the_copy_of_a_checkpoint_a_crash_left_out(tmp_path):
+    # the writer died after the checkpoint's fsync and before copying it into checkpoint.json
+    key = new_key()
+    folder = tmp_path / "t"
+    audit = AuditLog(folder, "t", signing_key=key)
+    append_serially(audit, 3)
+    audit.close()
+    stored = (folder / CHECKPOINT_FILE).read_bytes()
+    (folder / CHECKPOINT_FILE).unlink()
+    assert "missing" in verify(folder, "t", key.public_key()).problem.what
+    AuditLog(folder, "t", signing_key=key).close()
+    assert (folder / CHECKPOINT_FILE).read_bytes() == stored
+    assert verify(folder, "t", key.public_key()).ok
+
+
 def test_checkpoints_every_n_records_signed(tmp_path):
     key = new_key()
     folder = tmp_path / "t"
@@ -404,6 +432,37 @@ def test_a_rewritten_chain_is_caught_by_the_next_signed_checkpoint(tmp_path):
     # without the key the chain holds together: only the stored checkpoint disagrees
     unkeyed = verify(folder, "t")
     assert unkeyed.problem is not None and unkeyed.problem.segment == CHECKPOINT_FILE
+
+
+def test_verify_reads_a_trail_while_it_is_written(tmp_path):
+    key = new_key()
+    folder = tmp_path / "t"
+    audit = AuditLog(folder, "t", AuditConfig(checkpoint_records=7, segment_bytes=4096), key)
+    stop = threading.Event()
+
+    def write() -> None:
+        async def run() -> None:
+            i = 0
+            while not stop.is_set():
+                await asyncio.gather(*[audit.append(fields(i + j)) for j in range(3)])
+                i += 3
+
+        asyncio.run(run())
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        results = [verify(folder, "t", key.public_key())]
+        deadline = time.monotonic() + 60
+        while (len(results) < 40 or results[-1].segments < 4) and time.monotonic() < deadline:
+            results.append(verify(folder, "t", key.public_key()))
+    finally:
+        stop.set()
+        writer.join(timeout=30)
+        audit.close()
+    assert [str(r.problem) for r in results if r.problem] == []
+    assert results[-1].requests > results[0].requests  # it was being written meanwhile
+    assert verify(folder, "t", key.public_key()).ok
 
 
 def test_two_writers_on_one_folder_keep_one_chain(tmp_path):

@@ -450,6 +450,7 @@ class AuditLog:
         self._retry_at = 0.0
         self._submit_lock = threading.Lock()
         self._gathering: dict[asyncio.AbstractEventLoop, list[_Item]] = {}
+        self._tail_checkpoint: bytes | None = None
         self.groups = 0
         """Group commits so far (one write and one fdatasync each)."""
         self.records = 0
@@ -462,8 +463,11 @@ class AuditLog:
         try:
             with self._locked():
                 self._sync(force=True)
+                self._check_cut()
                 if self._chain.uncovered:  # the records found on opening, signed now
                     self._write_checkpoint_file(self._commit_locked([], checkpoint=True))
+                else:  # a crash between a checkpoint's fsync and its copy
+                    self._refresh_checkpoint_file()
         except BaseException:
             self._close_fds()
             raise
@@ -707,6 +711,30 @@ class AuditLog:
         if line is not None:
             atomic_write(self.directory / CHECKPOINT_FILE, line)
 
+    def _stored_seq(self) -> int | None:
+        try:
+            stored = json.loads((self.directory / CHECKPOINT_FILE).read_bytes())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        seq = stored.get("seq") if isinstance(stored, dict) else None
+        return seq if isinstance(seq, int) else None
+
+    def _check_cut(self) -> None:
+        """Refuse a trail that ends before its latest checkpoint (cut while no writer ran)."""
+        seq = self._stored_seq()
+        if seq is not None and seq > self._chain.seq:
+            raise AuditDamaged(
+                f"{self.directory}: the trail ends at seq {self._chain.seq} but its latest "
+                f"checkpoint covers seq {seq}: it was cut; run `plexus audit verify`"
+            )
+
+    def _refresh_checkpoint_file(self) -> None:
+        """Copy the trail's last record, a checkpoint, into checkpoint.json unless it is there."""
+        line = self._tail_checkpoint
+        if line is not None and self._stored_seq() != self._chain.seq:
+            log.warning("audit %s: checkpoint.json restored from the trail's end", self.tenant)
+            self._write_checkpoint_file(line)
+
     # -- the files, under the lock
 
     @contextlib.contextmanager
@@ -801,6 +829,7 @@ class AuditLog:
                 "verify`"
             )
         chain.seq, chain.prev = record["seq"], record[_HASH_FIELD]
+        self._tail_checkpoint = line + b"\n" if record.get("kind") == "checkpoint" else None
         if record.get("kind") == "checkpoint":
             chain.uncovered, chain.uncovered_since = 0, None
         else:  # how many precede it uncovered is unknown: checkpoint within the period
@@ -875,11 +904,41 @@ class Line:
     complete: bool
 
 
-def read_lines(directory: Path) -> Iterator[Line]:
-    """Every line of every segment, oldest first (a last line without newline: incomplete)."""
+def snapshot(directory: Path) -> tuple[bytes | None, dict[str, int]]:
+    """``checkpoint.json``'s bytes (None without one) and every segment's size, taken together
+    under the writers' lock (shared, held for a moment): a writer updates both under it, so the
+    segments up to those sizes hold every record the checkpoint names, even on a live trail."""
+    try:
+        fd = os.open(directory / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # a copy without the lock file: no writer to wait for
+        fd = -1
+    try:
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            stored: bytes | None = (directory / CHECKPOINT_FILE).read_bytes()
+        except FileNotFoundError:
+            stored = None
+        sizes = {path.name: path.stat().st_size for _, path in segments(directory)}
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return stored, sizes
+
+
+def read_lines(directory: Path, sizes: Mapping[str, int] | None = None) -> Iterator[Line]:
+    """Every line of every segment, oldest first (a last line without newline: incomplete);
+    with ``sizes`` (see snapshot), only those segments and only that far into each."""
     for _, path in segments(directory):
+        if sizes is not None and path.name not in sizes:
+            continue
+        left = sizes[path.name] if sizes is not None else -1
         with open(path, "rb") as handle:
-            for number, data in enumerate(handle, start=1):
+            for number, read in enumerate(handle, start=1):
+                data = read if left < 0 else read[:left]
+                if not data:
+                    break
+                left -= len(data) if left >= 0 else 0
                 complete = data.endswith(b"\n")
                 body = data[:-1] if complete else data
                 try:
@@ -1017,6 +1076,7 @@ class _Verifier:
         self.expected_key = key_id(public_key) if public_key else ""
         self.result = Verification(tenant, directory)
         self.seen_signed = False
+        self.sizes: dict[str, int] = {}
 
     def _checkpoint_problem(self, record: dict[str, Any]) -> str | None:
         signature = record.get(_SIGNATURE_FIELD)
@@ -1060,14 +1120,14 @@ class _Verifier:
 
     def _later(self, after: Location) -> Iterator[Line]:
         passed = False
-        for line in read_lines(self.directory):
+        for line in read_lines(self.directory, self.sizes):
             if passed:
                 yield line
             elif line.location == after:
                 passed = True
 
     def _earlier(self, before: Location) -> Iterator[Line]:
-        for line in read_lines(self.directory):
+        for line in read_lines(self.directory, self.sizes):
             if line.location == before:
                 return
             yield line
@@ -1106,18 +1166,19 @@ class _Verifier:
 
     def run(self) -> Verification:
         result = self.result
-        found = segments(self.directory)
+        stored_bytes, self.sizes = snapshot(self.directory)
+        stored = self._stored_checkpoint(stored_bytes)
+        found = [(n, p) for n, p in segments(self.directory) if p.name in self.sizes]
         result.segments = len(found)
         numbers = [n for n, _ in found]
         if numbers and numbers != list(range(numbers[0], numbers[0] + len(numbers))):
             gaps = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
             result.notes.append(f"segments missing: {[segment_name(n) for n in gaps]}")
-        stored = self._stored_checkpoint()
         expected, prev = 1, GENESIS
         last: Location | None = None
         stored_hash_in_chain: str | None = None
         last_segment = found[-1][1].name if found else ""
-        for line in read_lines(self.directory):
+        for line in read_lines(self.directory, self.sizes):
             if not line.complete:
                 if line.location.segment == last_segment:
                     result.notes.append(
@@ -1158,11 +1219,9 @@ class _Verifier:
         self.result.problem = Problem(line.location.segment, line.location.line, seq, what)
         return self.result
 
-    def _stored_checkpoint(self) -> dict[str, Any] | None:
-        path = self.directory / CHECKPOINT_FILE
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+    @staticmethod
+    def _stored_checkpoint(data: bytes | None) -> dict[str, Any] | None:
+        if data is None:
             return None
         record = None
         with contextlib.suppress(ValueError, UnicodeDecodeError):
