@@ -1,9 +1,11 @@
-"""Retrieval quality on a BEIR-layout dataset (StackFAQ): exact search, standard metrics.
+"""Retrieval quality on a BEIR-layout dataset (StackFAQ): exact search and the served path.
 
 The corpus (title + text) is embedded by the bulk encoder, every judged query is searched
 exactly (FAISS ``IndexFlatIP``) and scored: recall@1, recall@5, MRR@10 and nDCG@10 (linear
 gains from the qrels scores, as trec_eval / BEIR; a result that is the query itself is
-ignored, as BEIR does). The folder's README is quoted for comparison.
+ignored, as BEIR does). Then the same queries go through the served path
+(:mod:`bench.retrieval.served`: the corpus ingested as a collection, each query a ``Stitch``
+call) and are scored the same way. The folder's README is quoted for comparison.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 
 from bench import api
 from bench.report import fence, markdown_table, say
+from bench.retrieval import served as served_path
 
 K = 10
 README_MAX_CHARS = 100_000
@@ -102,15 +105,23 @@ def _records(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def load_corpus(path: Path) -> tuple[list[str], list[str]]:
-    ids, texts = [], []
+    """``(ids, title + text)`` of every document."""
+    ids, texts, _ = load_corpus_titles(path)
+    return ids, texts
+
+
+def load_corpus_titles(path: Path) -> tuple[list[str], list[str], list[str]]:
+    """``(ids, title + text, titles)`` of every document."""
+    ids, texts, titles = [], [], []
     for record in _records(path):
         title = record.get("title") or ""
         text = record.get("text") or ""
         ids.append(str(record.get("_id", record.get("id"))))
         texts.append(f"{title} {text}".strip() if isinstance(title, str) else text)
+        titles.append(title if isinstance(title, str) else "")
     if not ids:
         raise DataError(f"{path}: no documents")
-    return ids, texts
+    return ids, texts, titles
 
 
 def load_queries(path: Path) -> dict[str, str]:
@@ -188,12 +199,14 @@ def readme_files(folder: Path) -> list[dict[str, Any]]:
     return found
 
 
-def run(folder: Path, files: dict[str, Path]) -> dict[str, Any]:
+def run(folder: Path, files: dict[str, Path], served: bool = True) -> dict[str, Any]:
+    """The exact-search metrics and, with ``served``, the served path's
+    (:func:`bench.retrieval.served.run`)."""
     import faiss
 
     started = time.monotonic()
     say(f"[stackfaq] reading {folder}")
-    doc_ids, doc_texts = load_corpus(files["corpus"])
+    doc_ids, doc_texts, doc_titles = load_corpus_titles(files["corpus"])
     queries = load_queries(files["queries"])
     qrels = load_qrels(files["qrels"])
     known = set(doc_ids)
@@ -232,6 +245,10 @@ def run(folder: Path, files: dict[str, Path]) -> dict[str, Any]:
         for name, value in query_metrics(ranked[:K], evaluated[query_id]).items():
             totals[name] = totals.get(name, 0.0) + value
     metrics = {name: value / len(query_ids) for name, value in totals.items()}
+    served_part: dict[str, Any] = {"run": False, "reason": "skipped (--skip-served)"}
+    if served:
+        titles = [t for t in doc_titles if t.strip()]
+        served_part = served_path.run(files["corpus"], titles, queries, evaluated, query_metrics)
     relevant_counts = [sum(1 for s in evaluated[q].values() if s > 0) for q in query_ids]
     return {
         "run": True,
@@ -250,6 +267,7 @@ def run(folder: Path, files: dict[str, Path]) -> dict[str, Any]:
         "documents_per_second": round(len(doc_ids) / encode_seconds, 1) if encode_seconds else 0,
         "search_seconds": round(search_seconds, 3),
         "metrics": metrics,
+        "served": served_part,
         "readme": readme_files(folder),
         "seconds": round(time.monotonic() - started, 1),
     }
@@ -310,8 +328,71 @@ def markdown(part: dict[str, Any]) -> str:
             "",
             table,
             "",
+            "### Through the served path (ingested collection, Stitch in process)",
+            "",
+            served_markdown(part.get("served") or {"run": False, "reason": "not measured"}, m),
+            "",
             "### Reference numbers (from the dataset folder's README)",
             "",
             readme,
         ]
     )
+
+
+def served_markdown(part: dict[str, Any], exact: dict[str, float]) -> str:
+    """The served-path rows beside the exact search's."""
+    if not part.get("run"):
+        return f"Not run: {part['reason']}."
+    rows = [["exact search over whole entries (above)", "flat", "-", "-", "-"]]
+    rows[0] += [f"{exact[k]:.3f}" for k in ("recall@1", "recall@5", "mrr@10", "ndcg@10")]
+    rows[0] += ["-", "-"]
+    for row in part["rows"]:
+        m = row["metrics"]
+        hybrid = row["hybrid"]
+        setting = (
+            f"{hybrid.get('fusion', 'blend')}, bm25_weight {hybrid.get('bm25_weight')}"
+            if row["hybrid_active"]
+            else "vectors alone"
+        )
+        rows.append(
+            [
+                row["variant"],
+                row["index"],
+                f"{row['chunks']:,}",
+                setting,
+                row["distinct_entries_min"],
+                *[f"{m[k]:.3f}" for k in ("recall@1", "recall@5", "mrr@10", "ndcg@10")],
+                f"{row['stitch_us']['p50']:,.0f}",
+                f"{row['stitch_us']['p99']:,.0f}",
+            ]
+        )
+    table = markdown_table(
+        [
+            "search",
+            "index",
+            "chunks",
+            "scores",
+            "fewest entries in a result",
+            "recall@1",
+            "recall@5",
+            "MRR@10",
+            "nDCG@10",
+            "Stitch p50 µs",
+            "Stitch p99 µs",
+        ],
+        rows,
+    )
+    ingest = part["ingest"]
+    notes = [
+        f"The corpus file is ingested by path into one collection with the default "
+        f"`CollectionConfig` ({ingest['chunks']} chunks, {ingest['duplicates_dropped']} "
+        f"duplicates dropped, {ingest['seconds']} s); each chunk is embedded with its entry's "
+        "title on the line before its text.",
+        f"Each query is one `pipeline.stitch()` call in process (prep, route, policy, stitch: "
+        f"the query encoded, {part['chunks_per_query']} chunks retrieved, the prompt "
+        "assembled), one at a time; the ranking is the placed pieces' order, each entry "
+        "counted at its first chunk. The Stitch columns time the whole call.",
+        "The variants search the same ingested version with another `hybrid` setting "
+        "(search-time only).",
+    ]
+    return "\n".join(["\n".join(f"- {n}" for n in notes), "", table])

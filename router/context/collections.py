@@ -44,7 +44,7 @@ import numpy as np
 
 from router.config import NAME_PATTERN, CollectionConfig, HybridConfig, LoadedConfig
 from router.context.lexical import (
-    TOKENIZER,
+    LEXICAL_FORMAT,
     LexicalIndex,
     fuse,
     has_lexical_index,
@@ -578,7 +578,7 @@ class CollectionWriter:
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(time.perf_counter() - started, 3),
             "lexical": {
-                "tokenizer": TOKENIZER,
+                "format": LEXICAL_FORMAT,
                 "terms": terms,
                 "build_seconds": round(lexical_seconds, 3),
             },

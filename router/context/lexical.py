@@ -1,20 +1,25 @@
 """A collection's lexical (BM25) index, kept beside its chunks in the SQLite store.
 
 Every chunk's title and text are cut into terms (:func:`terms`: NFKD, diacritics removed,
-casefolded, runs of letters and digits). At commit the writer stores, per term, the rows of the
-chunks that hold it and how often (``lexicon``), and the chunk ids and lengths in row order
-(``lexical``). A search reads only its own terms' rows from the store and scores every chunk
-that holds one of them with Okapi BM25 (k1 1.2, b 0.75) in a few vectorised numpy operations:
-about 10 ns per posting, where SQLite FTS5's ``bm25()`` costs about 5 µs per matching row
-(measured at 100,000 chunks: 200-500 ms for a question whose words are common), which a
-request cannot afford.
+casefolded, runs of letters and digits). At commit the writer stores each term's document
+frequency and where its postings start (``lexicon``), and in ``lexical`` the chunk ids in row
+order and every posting: a row and its BM25 weight without the idf (Okapi BM25, k1 1.2,
+b 0.75, the average length taken over the whole version). A loaded collection holds the
+postings in memory (8 bytes each); a search looks its terms up in the store and scores every
+chunk that holds one of them in a few vectorised numpy operations.
 
-A store written before this index existed has neither table; :func:`has_lexical_index` tells,
-and such a collection is searched by its vectors alone until it is re-ingested.
+Why not SQLite FTS5 and its ``bm25()``: measured at 100,000 chunks, ``bm25()`` costs about
+5 µs per matching row, 200-500 ms for a question whose words are common, and reading the
+postings back out of the store as blobs at each search cost ~3 ms; the postings held in memory
+score such a question (~80,000 postings) in about a millisecond.
+
+A store written before this index existed has no ``lexical`` table; :func:`has_lexical_index`
+tells, and such a collection is searched by its vectors alone until it is re-ingested.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import sqlite3
 import unicodedata
@@ -22,8 +27,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-TOKENIZER = "words-nfkd-casefold-v1"
-"""Names the way :func:`terms` cuts text; a store cut another way is not read."""
+LEXICAL_FORMAT = "words-nfkd-casefold+bm25-weights-v2"
+"""Names how :func:`terms` cuts text and how the postings are stored; a store written another
+way is not read."""
 
 K1 = 1.2
 B = 0.75
@@ -38,8 +44,8 @@ _COMBINING = re.compile("[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\u
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS lexicon (
     term TEXT PRIMARY KEY,
-    rows BLOB NOT NULL,
-    tfs BLOB NOT NULL
+    df INTEGER NOT NULL,
+    start INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS lexical (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
@@ -68,8 +74,8 @@ def has_lexical_index(connection: sqlite3.Connection) -> bool:
     }
     if tables != {"lexicon", "lexical"}:
         return False
-    found = connection.execute("SELECT value FROM lexical WHERE key = 'tokenizer'").fetchone()
-    return found is not None and bytes(found[0]).decode("utf-8", "replace") == TOKENIZER
+    found = connection.execute("SELECT value FROM lexical WHERE key = 'format'").fetchone()
+    return found is not None and bytes(found[0]).decode("utf-8", "replace") == LEXICAL_FORMAT
 
 
 def write_lexical_index(
@@ -120,84 +126,78 @@ def write_lexical_index(
     for statement in SCHEMA.split(";"):
         if statement.strip():
             connection.execute(statement)
-    if term_parts:
-        term_ids = np.concatenate(term_parts)
-        rows = np.concatenate(row_parts)
-        tfs = np.minimum(np.concatenate(tf_parts), np.iinfo(np.uint16).max).astype(np.uint16)
-        order = np.argsort(term_ids, kind="stable")  # rows stay ascending within a term
-        term_ids, rows, tfs = term_ids[order], rows[order], tfs[order]
+    term_ids = np.concatenate(term_parts) if term_parts else np.zeros(0, np.int32)
+    rows = np.concatenate(row_parts) if row_parts else np.zeros(0, np.int32)
+    tfs = np.concatenate(tf_parts).astype(np.float32) if tf_parts else np.zeros(0, np.float32)
+    order = np.argsort(term_ids, kind="stable")  # rows stay ascending within a term
+    term_ids, rows, tfs = term_ids[order], rows[order], tfs[order]
+    length = np.asarray(lengths, dtype=np.float32)
+    average = float(length.mean()) if len(length) and length.mean() > 0 else 1.0
+    # BM25 but for the idf, which depends only on a term's df: computed at search time
+    weights = tfs * (K1 + 1.0) / (tfs + K1 * (1.0 - B + B * length[rows] / average))
+    if len(term_ids):
         bounds = np.flatnonzero(np.diff(term_ids)) + 1
         starts = np.concatenate(([0], bounds))
-        ends = np.concatenate((bounds, [len(term_ids)]))
+        counts = np.diff(np.concatenate((starts, [len(term_ids)])))
         words = list(vocabulary)
         connection.executemany(
-            "INSERT INTO lexicon (term, rows, tfs) VALUES (?, ?, ?)",
+            "INSERT INTO lexicon (term, df, start) VALUES (?, ?, ?)",
             (
-                (
-                    words[int(term_ids[start])],
-                    rows[start:end].astype("<i4").tobytes(),
-                    tfs[start:end].astype("<u2").tobytes(),
-                )
-                for start, end in zip(starts.tolist(), ends.tolist(), strict=True)
+                (words[int(term_ids[at])], int(count), int(at))
+                for at, count in zip(starts.tolist(), counts.tolist(), strict=True)
             ),
         )
     connection.executemany(
         "INSERT INTO lexical (key, value) VALUES (?, ?)",
         [
-            ("tokenizer", TOKENIZER.encode()),
+            ("format", LEXICAL_FORMAT.encode()),
             ("ids", np.asarray(ids, dtype="<i8").tobytes()),
-            ("lengths", np.asarray(lengths, dtype="<i4").tobytes()),
+            ("rows", rows.astype(np.int32).tobytes()),
+            ("weights", weights.astype(np.float32).tobytes()),
         ],
     )
     return len(vocabulary)
 
 
 class LexicalIndex:
-    """BM25 over one store's lexical index: ``scores(terms) -> float32 [n]`` by row, and the
-    row of a chunk id. Reads go through the caller's connection (and the caller's lock)."""
+    """BM25 over one store's lexical index: the postings held in memory (8 bytes each), the
+    terms looked up in the store (through the caller's connection, under the caller's lock)."""
 
     def __init__(self, connection: sqlite3.Connection) -> None:
         values = dict(connection.execute("SELECT key, value FROM lexical").fetchall())
         self.ids = np.frombuffer(values["ids"], dtype="<i8").astype(np.int64)
-        lengths = np.frombuffer(values["lengths"], dtype="<i4").astype(np.float32)
+        # read-only views of the store's bytes: 8 bytes a posting, no copy
+        self._rows = np.frombuffer(values["rows"], dtype=np.int32)
+        self._weights = np.frombuffer(values["weights"], dtype=np.float32)
+        if len(self._rows) != len(self._weights):
+            raise ValueError("the lexical index's rows and weights differ in length")
         self.size = len(self.ids)
-        average = float(lengths.mean()) if self.size and lengths.mean() > 0 else 1.0
-        # the length part of BM25's denominator, once per chunk
-        self._norm = (K1 * (1.0 - B + B * lengths / average)).astype(np.float32)
+        if len(self._rows) and int(self._rows.max()) >= self.size:
+            raise ValueError("the lexical index names rows past its chunks")
+        self.postings_count = len(self._rows)
 
-    def postings(
-        self, connection: sqlite3.Connection, words: Sequence[str]
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``(rows int32, tfs float32)`` of each of ``words`` the index holds."""
+    def postings(self, connection: sqlite3.Connection, words: Sequence[str]) -> list[slice]:
+        """Where each of ``words`` that the index holds has its postings."""
         if not words:
             return []
         marks = ",".join("?" * len(words))
         found = connection.execute(
-            f"SELECT rows, tfs FROM lexicon WHERE term IN ({marks})", list(words)
+            f"SELECT df, start FROM lexicon WHERE term IN ({marks})", list(words)
         ).fetchall()
-        return [
-            (
-                np.frombuffer(rows, dtype="<i4"),
-                np.frombuffer(tfs, dtype="<u2").astype(np.float32),
-            )
-            for rows, tfs in found
-        ]
+        return [slice(int(start), int(start) + int(df)) for df, start in found]
 
-    def scores(self, postings: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    def scores(self, postings: Sequence[slice]) -> np.ndarray:
         """BM25 of every row (0 where no term occurs), float32 ``[size]``."""
         if not postings or self.size == 0:
             return np.zeros(self.size, dtype=np.float32)
-        parts_rows = []
-        parts_weights = []
-        for rows, tfs in postings:
-            df = len(rows)
-            idf = np.log1p((self.size - df + 0.5) / (df + 0.5))
-            parts_rows.append(rows)
-            parts_weights.append(idf * tfs * (K1 + 1.0) / (tfs + self._norm[rows]))
+        rows = [self._rows[span] for span in postings]
+        weights = []
+        for span in postings:
+            df = span.stop - span.start
+            idf = math.log1p((self.size - df + 0.5) / (df + 0.5))
+            weights.append(self._weights[span] * np.float32(idf))
         return np.bincount(
-            np.concatenate(parts_rows),
-            weights=np.concatenate(parts_weights),
-            minlength=self.size,
+            np.concatenate(rows), weights=np.concatenate(weights), minlength=self.size
         ).astype(np.float32)
 
     def rows_of(self, chunk_ids: np.ndarray) -> np.ndarray:
