@@ -181,7 +181,7 @@ class HybridConfig(_Strict):
     """How a collection mixes its vectors' cosine with BM25 over the chunks' words."""
 
     bm25_weight: float = Field(
-        0.2, ge=0, le=1, description="the BM25 share of a hit's score; 0 searches vectors alone"
+        0.25, ge=0, le=1, description="the BM25 share of a hit's score; 0 searches vectors alone"
     )
     fusion: Literal["blend", "rrf"] = Field(
         "blend", description="blend: scaled scores mixed; rrf: reciprocal rank fusion"
