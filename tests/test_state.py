@@ -888,3 +888,20 @@ async def test_redis_stopped_mid_run_raises_state_unavailable_and_recovers() -> 
         await store.aclose()
         await listener.aclose()
         server.close()
+
+
+async def test_the_first_call_after_a_quiet_restart_goes_through() -> None:
+    """Pooled connections to a Redis that restarted while nobody called are dead: the first
+    call finds out, and goes once more on a new connection instead of failing."""
+    server = RedisServer()
+    server.start()
+    store = RedisStore(server.url, timeout_ms=2000, key_prefix="quiet:")
+    limit = Limit("rl:t:requests", rate=100, period_seconds=1, burst=100)
+    try:
+        assert (await store.take([limit], [1])).allowed  # a pooled connection now
+        server.stop()
+        server.start()
+        assert (await store.take([limit], [1])).allowed
+    finally:
+        await store.aclose()
+        server.close()

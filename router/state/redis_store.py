@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from router.state.gcra import GCRA_LUA
@@ -290,7 +291,13 @@ class RedisStore:
     async def _bounded(self, call: Callable[[], Awaitable[T]]) -> T:
         try:
             async with asyncio.timeout(self._timeout):
-                result = await call()
+                try:
+                    result = await call()
+                except RedisConnectionError:
+                    # A pooled connection the server closed (Redis restarted, an idle timeout):
+                    # the command never reached a live server, so it goes once more, on a new
+                    # connection, within the same time bound.
+                    result = await call()
         except TimeoutError:
             raise self._unavailable(f"no answer within {self.timeout_ms:g} ms") from None
         except ResponseError as exc:
