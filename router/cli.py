@@ -37,6 +37,7 @@ from router.config import ConfigError, LoadedConfig, load_config
 from router.context.ingest_cli import add_ingest_parser, add_mirror_parser
 from router.errors import PlexusError
 from router.observe.audit_cli import add_audit_parser
+from router.observe.drift_cli import add_drift_parser
 from router.policy.cli import add_policy_parser, add_usage_parser
 
 EXIT_INTERNAL = 1
@@ -644,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bundle_parsers(sub, parents=[common])
     add_policy_parser(sub, parents=[common])
     add_usage_parser(sub, [common], remote)
+    add_drift_parser(sub, [common], remote)
 
     # The suites declare their own flags (bench/run.py): everything after `bench` goes there.
     p = sub.add_parser(

@@ -49,8 +49,11 @@ __all__ = [
     "Decision",
     "DecisionEvent",
     "DeltaEvent",
+    "DriftStatistic",
+    "DriftView",
     "ErrorEvent",
     "FinalEvent",
+    "ModelDrift",
     "ModelInfo",
     "ModelStatus",
     "OrchestrateEvent",
@@ -356,6 +359,77 @@ class BudgetUsage:
 
 
 @dataclass(frozen=True)
+class DriftStatistic:
+    """One drift statistic (``plexus.v1.DriftStatistic``): ``labels``, ``confidence`` or
+    ``abstention``, its value, the threshold it is held to, and whether it alarms."""
+
+    name: str
+    value: float
+    threshold: float
+    alarm: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class DriftView:
+    """Requests tested against the reference (``plexus.v1.DriftView``): a closed window or
+    the sliding view; ``statistics`` is empty when nothing was tested (``note`` says why)."""
+
+    requests: int
+    statistics: tuple[DriftStatistic, ...]
+    alarm: bool
+    note: str
+
+    @classmethod
+    def from_proto(cls, message: pb.DriftView) -> DriftView:
+        return cls(
+            message.requests,
+            tuple(
+                DriftStatistic(s.name, s.value, s.threshold, s.alarm, s.detail)
+                for s in message.statistics
+            ),
+            message.alarm,
+            message.note,
+        )
+
+
+@dataclass(frozen=True)
+class ModelDrift:
+    """One model version's drift on the server (``plexus.v1.ModelDrift``); ``last_window`` is
+    None before the first tested window, ``sliding`` None without a reference."""
+
+    model_version: str
+    active: bool
+    requests: int
+    window: int
+    windows: int
+    alarmed_windows: int
+    alarms: Mapping[str, int]
+    reference_rows: int
+    reference: str
+    last_window: DriftView | None
+    sliding: DriftView | None
+    alarm: bool
+
+    @classmethod
+    def from_proto(cls, message: pb.ModelDrift) -> ModelDrift:
+        return cls(
+            message.model_version,
+            message.active,
+            message.requests,
+            message.window,
+            message.windows,
+            message.alarmed_windows,
+            dict(message.alarms),
+            message.reference_rows,
+            message.reference,
+            DriftView.from_proto(message.last_window) if message.HasField("last_window") else None,
+            DriftView.from_proto(message.sliding) if message.HasField("sliding") else None,
+            message.alarm,
+        )
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     version: str
     family: str
@@ -638,6 +712,11 @@ class PlexusClient(_Base):
         reply = self._call(self._admin.GetUsage, request, self._timeout(timeout))
         return [BudgetUsage.from_proto(b) for b in reply.budgets]
 
+    def get_drift(self, *, timeout: float | None = None) -> list[ModelDrift]:
+        """The tenant's model drift on this server: one entry per model version it has seen."""
+        reply = self._call(self._admin.GetDrift, pb.GetDriftRequest(), self._timeout(timeout))
+        return [ModelDrift.from_proto(m) for m in reply.models]
+
     def load_model(
         self, version: str = "", force: bool = False, *, timeout: float | None = None
     ) -> ModelStatus:
@@ -810,6 +889,10 @@ class AsyncPlexusClient(_Base):
         request = pb.GetUsageRequest(user=user)
         reply = await self._call(self._admin.GetUsage, request, self._timeout(timeout))
         return [BudgetUsage.from_proto(b) for b in reply.budgets]
+
+    async def get_drift(self, *, timeout: float | None = None) -> list[ModelDrift]:
+        reply = await self._call(self._admin.GetDrift, pb.GetDriftRequest(), self._timeout(timeout))
+        return [ModelDrift.from_proto(m) for m in reply.models]
 
     async def load_model(
         self, version: str = "", force: bool = False, *, timeout: float | None = None

@@ -380,6 +380,60 @@ class ModelConfig(_Strict):
         return value
 
 
+class DriftRatesConfig(_Strict):
+    """Per drift statistic: the chance that a window of traffic like the held-out set exceeds
+    its threshold (the threshold is computed from it at each window's sizes)."""
+
+    labels: float = Field(0.001, gt=0, lt=0.5)
+    confidence: float = Field(0.001, gt=0, lt=0.5)
+    abstention: float = Field(0.001, gt=0, lt=0.5)
+
+
+class DriftThresholdsConfig(_Strict):
+    """Fixed thresholds that replace the computed ones (unset: computed from false_alarm)."""
+
+    labels: float | None = Field(None, gt=0, le=1, description="Jensen-Shannon divergence, bits")
+    confidence: float | None = Field(None, gt=0, le=1, description="Kolmogorov-Smirnov distance")
+    abstention: float | None = Field(None, gt=0, le=1, description="abstention rate difference")
+
+
+class DriftConfig(_Strict):
+    """Drift detection: live decisions per model version against the model's held-out set
+    (router/observe/drift.py, docs/operations.md "Drift")."""
+
+    enabled: bool = True
+    window: int = Field(500, ge=20, le=1_000_000, description="requests per tested window")
+    min_requests: int = Field(
+        100, ge=20, description="the sliding view (the last window requests) is tested from this"
+    )
+    oos_share: float | Literal["heldout"] = Field(
+        0.0,
+        description="the out-of-scope share of the reference: 0 (in-scope rows only) to 1, or "
+        "heldout (the held-out set's own share)",
+    )
+    two_sample: bool = Field(
+        False,
+        description="count the held-out set's own sampling error in every threshold too (wider "
+        "thresholds: for new text from the held-out set's population, and small held-out sets)",
+    )
+    false_alarm: DriftRatesConfig = DriftRatesConfig()
+    thresholds: DriftThresholdsConfig = DriftThresholdsConfig()
+    versions: int = Field(8, ge=1, le=64, description="model versions whose windows are kept")
+
+    @field_validator("oos_share")
+    @classmethod
+    def _share(cls, value: float | str) -> float | str:
+        if isinstance(value, float) and not 0.0 <= value <= 1.0:
+            raise ValueError("expected a number in [0, 1] or 'heldout'")
+        return value
+
+    @model_validator(mode="after")
+    def _sizes(self) -> DriftConfig:
+        if self.min_requests > self.window:
+            raise ValueError(f"min_requests {self.min_requests} exceeds window {self.window}")
+        return self
+
+
 PiiAction = Literal["redact", "mask", "allow", "block"]
 OutputAction = Literal["block", "redact", "replace", "flag"]
 
@@ -626,6 +680,7 @@ class TenantConfig(_Strict):
     governance: GovernanceConfig = GovernanceConfig()
     policy: PolicyConfig = PolicyConfig()
     audit: AuditConfig = AuditConfig()
+    drift: DriftConfig = DriftConfig()
 
     @model_validator(mode="after")
     def _references(self) -> TenantConfig:

@@ -29,6 +29,7 @@ from router.governance.output import OutputChecks, RestorePlaceholders
 from router.governance.rules import Governance, compile_rules, warm
 from router.keys import KeyRing
 from router.observe.audit import AuditTrail
+from router.observe.drift import DriftMonitor
 from router.observe.logs import RequestLog
 from router.observe.metrics import Metrics
 from router.observe.tracing import Tracing
@@ -80,6 +81,7 @@ class Plexus:
         self.policy = ConfiguredChain(tenants, self.governance, self.limits)
         # The audit trail records first: a recorder failing after it leaves no request unaudited.
         self.audit = AuditTrail.from_config(loaded)
+        self.drift = DriftMonitor.from_config(loaded, self.deciders)
         if metrics is None:
             metrics = self.config.metrics_address is not None
         self.metrics = Metrics(self) if metrics else None
@@ -105,6 +107,7 @@ class Plexus:
             guards_out=[RestorePlaceholders(), OutputChecks(self.governance), *guards_out],
             recorders=[
                 *([self.audit] if self.audit else []),
+                self.drift,
                 *observers,
                 RequestLog(),
                 *recorders,
@@ -149,6 +152,7 @@ class Plexus:
 
     async def aclose(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.drift.close()
         self.sources.close()
         for pool in self.backend_pools.values():
             await pool.aclose()

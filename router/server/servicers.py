@@ -26,6 +26,7 @@ from router._generated.plexus.v1 import plexus_pb2 as pb
 from router.calls import Caller
 from router.config import ConfigError
 from router.errors import FailedPrecondition, InvalidArgument, PlexusError
+from router.observe.drift import DriftReading, DriftView
 from router.observe.tracing import TRACEPARENT, traceparent_from_metadata
 from router.pipeline import ErrorEvent
 from router.plexus import Plexus
@@ -265,6 +266,17 @@ class AdminServicer:
         ).SerializeToString()
 
     @rpc
+    async def get_drift(
+        self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        parse(pb.GetDriftRequest, data)
+        self.plexus.deciders.admin_tenant(caller)
+        readings = await self._off_loop(self.plexus.drift.snapshot, caller.tenant)
+        return pb.GetDriftResponse(
+            tenant=caller.tenant, models=[_drift_to_proto(r) for r in readings]
+        ).SerializeToString()
+
+    @rpc
     async def list_models(
         self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
@@ -293,6 +305,40 @@ class AdminServicer:
         return status_to_proto(status).SerializeToString()
 
 
+def _drift_view_to_proto(view: DriftView) -> pb.DriftView:
+    return pb.DriftView(
+        requests=view.requests,
+        statistics=[
+            pb.DriftStatistic(
+                name=s.name, value=s.value, threshold=s.threshold, alarm=s.alarm, detail=s.detail
+            )
+            for s in view.statistics
+        ],
+        alarm=view.alarm,
+        note=view.note,
+    )
+
+
+def _drift_to_proto(reading: DriftReading) -> pb.ModelDrift:
+    message = pb.ModelDrift(
+        model_version=reading.model_version,
+        active=reading.active,
+        requests=reading.requests,
+        window=reading.window,
+        windows=reading.windows,
+        alarmed_windows=reading.alarmed_windows,
+        alarms=reading.alarms,
+        reference_rows=reading.reference_rows,
+        reference=reading.reference,
+        alarm=reading.alarm,
+    )
+    if reading.last_window is not None:
+        message.last_window.CopyFrom(_drift_view_to_proto(reading.last_window))
+    if reading.sliding is not None:
+        message.sliding.CopyFrom(_drift_view_to_proto(reading.sliding))
+    return message
+
+
 def _identity(data: bytes) -> bytes:
     return data
 
@@ -319,6 +365,7 @@ def generic_handlers(
         "ReloadCollection": unary(admin_servicer.reload_collection, _identity, _identity),
         "ReloadConfig": unary(admin_servicer.reload_config, _identity, _identity),
         "GetUsage": unary(admin_servicer.get_usage, _identity, _identity),
+        "GetDrift": unary(admin_servicer.get_drift, _identity, _identity),
     }
     return [
         grpc.method_handlers_generic_handler("plexus.v1.Router", router_methods),
