@@ -312,11 +312,15 @@ class Pipeline:
             timings[stage.name] = (clock() - started) // 1000
 
     async def _record(self, *states: RequestState) -> None:
-        for state in states:
-            if not state.recorded:
-                state.recorded = True
-                for recorder in self.recorders:
-                    await recorder.record(state)
+        pending = [state for state in states if not state.recorded]
+        for state in pending:
+            state.recorded = True
+        if len(pending) == 1:
+            for recorder in self.recorders:
+                await recorder.record(pending[0])
+            return
+        for recorder in self.recorders:  # a batch's records go together (one group commit)
+            await asyncio.gather(*(recorder.record(state) for state in pending))
 
     @asynccontextmanager
     async def _recorded(self, *states: RequestState) -> AsyncIterator[None]:
