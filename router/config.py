@@ -359,6 +359,23 @@ class ExtractorConfig(_Strict):
         return self
 
 
+class CalibrationConfig(_Strict):
+    """How ``threshold: calibrated`` is chosen on the held-out examples.
+
+    ``inscope_accuracy``: the best in-scope accuracy with out-of-scope recall at least
+    ``min_oos_recall``; ``oos_recall``: the best out-of-scope recall within
+    ``max_inscope_drop`` of the best in-scope accuracy; ``cost``: the lowest in-scope error
+    rate plus ``oos_cost`` times the out-of-scope miss rate. Without out-of-scope examples held
+    out: the highest threshold keeping ``keep_correct`` of the correct decisions.
+    """
+
+    target: Literal["inscope_accuracy", "oos_recall", "cost"] = "inscope_accuracy"
+    min_oos_recall: float = Field(0.6, ge=0, le=1)
+    max_inscope_drop: float = Field(0.03, ge=0, le=1)
+    oos_cost: float = Field(1.0, gt=0, le=1000)
+    keep_correct: float = Field(0.98, gt=0, le=1)
+
+
 class ModelConfig(_Strict):
     family: Literal["fast", "accurate"] = "fast"
     version: str = "active"
@@ -368,8 +385,13 @@ class ModelConfig(_Strict):
     seed: int = 0
     buckets_log2: int = Field(18, ge=8, le=24)
     heldout_fraction: float = Field(0.2, gt=0, lt=0.9)
-    regularization: float = Field(10.0, gt=0)
-    inscope_tolerance: float = Field(0.03, ge=0, le=1)
+    regularization: float | None = Field(
+        None, gt=0, description="the head's inverse penalty C (default: the family's own)"
+    )
+    calibration: CalibrationConfig = CalibrationConfig()
+    inscope_tolerance: float | None = Field(
+        None, ge=0, le=1, description="older form of calibration: {target: oos_recall, ...}"
+    )
     data: Path | None = None
 
     @field_validator("threshold")
@@ -378,6 +400,16 @@ class ModelConfig(_Strict):
         if isinstance(value, float) and not 0.0 <= value <= 1.0:
             raise ValueError("expected a number in [0, 1] or 'calibrated'")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_tolerance(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("inscope_tolerance") is not None:
+            if "calibration" in data:
+                raise ValueError("give calibration or inscope_tolerance, not both")
+            tolerance = data["inscope_tolerance"]
+            data = {**data, "calibration": {"target": "oos_recall", "max_inscope_drop": tolerance}}
+        return data
 
 
 class DriftRatesConfig(_Strict):

@@ -52,7 +52,7 @@ class FeaturizerParams:
 
     buckets_log2: int = 18
     seed: int = 0
-    char_ngram_min: int = 3
+    char_ngram_min: int = 2  # 2..5 beat 3..5 and 1..5 on CLINC150's validation split
     char_ngram_max: int = 5
     word_bigrams: bool = True
 

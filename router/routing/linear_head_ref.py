@@ -5,15 +5,26 @@ from __future__ import annotations
 import numpy as np
 
 
-def linear_head_probs(
-    ids: np.ndarray, remap: np.ndarray, weights: np.ndarray, bias: np.ndarray, pad_id: int
-) -> np.ndarray:
+def _check_ids(ids: np.ndarray, pad_id: int) -> None:
     if ids.size and (ids.min() < 0 or ids.max() > pad_id):
         bad = ids[(ids < 0) | (ids > pad_id)][0]
         raise ValueError(f"feature id {bad} is outside [0, {pad_id}]")
-    summed = weights[remap[ids]].sum(axis=1, dtype=np.float32).astype(np.float64)
+
+
+def _softmax_of_sums(
+    summed: np.ndarray, ids: np.ndarray, bias: np.ndarray, pad_id: int
+) -> np.ndarray:
     count = np.maximum((ids < pad_id).sum(axis=1, keepdims=True), 1)
-    logits = summed / np.sqrt(count) + bias
+    logits = summed.astype(np.float64) / np.sqrt(count) + bias
     logits -= logits.max(axis=1, keepdims=True)
     exp = np.exp(logits)
     return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def linear_head_probs(
+    ids: np.ndarray, remap: np.ndarray, weights: np.ndarray, bias: np.ndarray, pad_id: int
+) -> np.ndarray:
+    """``softmax(sum_j W[remap[ids[:, j]]] / sqrt(max(1, real ids)) + bias)``, float32 rows."""
+    _check_ids(ids, pad_id)
+    summed = weights[remap[ids]].sum(axis=1, dtype=np.float32)
+    return _softmax_of_sums(summed, ids, bias, pad_id)

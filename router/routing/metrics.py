@@ -57,10 +57,15 @@ def decide_rows(
     return Decisions(predicted, abstained)
 
 
-def macro_f1(truth: Sequence[str], predicted: Sequence[str]) -> float:
-    """The unweighted mean F1 over every label in ``truth`` or ``predicted``; 0 for no rows.
+def macro_f1(
+    truth: Sequence[str], predicted: Sequence[str], labels: Sequence[str] | None = None
+) -> float:
+    """The unweighted mean F1 over ``labels`` (default: every label in ``truth`` or
+    ``predicted``); 0 for no rows or no labels.
 
-    Equal to scikit-learn's ``f1_score(truth, predicted, average="macro", zero_division=0)``.
+    Equal to scikit-learn's ``f1_score(truth, predicted, labels=labels, average="macro",
+    zero_division=0)``: a prediction of a label outside ``labels`` is still a miss of the true
+    label, it only does not count as a class of its own.
     """
     if len(truth) == 0:
         return 0.0
@@ -72,13 +77,24 @@ def macro_f1(truth: Sequence[str], predicted: Sequence[str]) -> float:
     counted = np.bincount(true_codes, minlength=len(names)) + np.bincount(
         predicted_codes, minlength=len(names)
     )
-    return float(np.mean(2 * hits / counted))  # 2tp / (2tp + fp + fn); never 0/0 here
+    scores = np.divide(2 * hits, counted, out=np.zeros(len(names)), where=counted > 0)
+    if labels is None:
+        return float(np.mean(scores))  # 2tp / (2tp + fp + fn); never 0/0 here
+    if len(labels) == 0:
+        return 0.0
+    position = {name: i for i, name in enumerate(names)}
+    return float(np.mean([scores[position[str(x)]] if str(x) in position else 0.0 for x in labels]))
 
 
 def evaluate(
     probs: np.ndarray, truth: Sequence[str], labels: Sequence[str], oos_label: str, threshold: float
 ) -> dict[str, float]:
-    """In-scope accuracy (an abstention is an error), out-of-scope recall/precision, macro-F1."""
+    """In-scope accuracy (an abstention is an error), out-of-scope recall/precision, macro-F1.
+
+    Macro-F1 is over the in-scope labels of ``truth``: an abstention on an in-scope query is a
+    miss of its label and an out-of-scope query routed to a label a false alarm of that label,
+    but abstaining is not a class whose F1 is averaged in.
+    """
     result = decide_rows(probs, labels, oos_label, threshold)
     truth_arr = np.array(truth, dtype=object)
     pred_arr = np.array(result.predicted, dtype=object)
@@ -91,7 +107,8 @@ def evaluate(
         metrics["oos_precision"] = (
             float(np.mean(is_oos[result.abstained])) if result.abstained.any() else 0.0
         )
-    metrics["macro_f1"] = macro_f1(truth, result.predicted)
+    in_scope_truth = sorted({str(label) for label in truth if label != oos_label})
+    metrics["macro_f1"] = macro_f1(truth, result.predicted, in_scope_truth)
     return metrics
 
 
@@ -100,6 +117,59 @@ def threshold_curve(
 ) -> list[dict[str, float]]:
     """:func:`evaluate` at 100 thresholds from 0 to 0.99."""
     return [evaluate(probs, truth, labels, oos_label, t) for t in np.linspace(0, 0.99, 100)]
+
+
+@dataclass
+class OperatingPoints:
+    """In-scope accuracy and out-of-scope recall at many thresholds, from one pass over rows.
+
+    ``inscope_accuracy`` is NaN everywhere when ``truth`` has no in-scope rows, and
+    ``oos_recall`` when it has no out-of-scope rows.
+    """
+
+    thresholds: np.ndarray
+    inscope_accuracy: np.ndarray
+    oos_recall: np.ndarray
+
+
+def operating_points(
+    probs: np.ndarray,
+    truth: Sequence[str],
+    labels: Sequence[str],
+    oos_label: str,
+    thresholds: np.ndarray,
+) -> OperatingPoints:
+    """What :func:`evaluate` would report for in-scope accuracy and out-of-scope recall at
+    each of ``thresholds``, the same rule (:func:`decide_rows`) counted with sorted searches
+    instead of one evaluation per threshold."""
+    probs = np.asarray(probs, dtype=np.float64)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    rows = probs.shape[0]
+    truth_arr = np.array(truth, dtype=object)
+    is_oos = truth_arr == oos_label
+    n_in, n_oos = int((~is_oos).sum()), int(is_oos.sum())
+    in_scope = np.array([label != oos_label for label in labels], dtype=bool)
+    nan = np.full(len(thresholds), np.nan)
+    if not in_scope.any():  # every row abstains at every threshold
+        none, every = np.zeros(len(thresholds)), np.ones(len(thresholds))
+        return OperatingPoints(thresholds, none if n_in else nan, every if n_oos else nan)
+    masked = np.where(in_scope[None, :], probs, -np.inf)
+    top = masked.argmax(axis=1)
+    confidence = masked[np.arange(rows), top]
+    oos_prob = probs[:, list(labels).index(oos_label)] if oos_label in labels else np.zeros(rows)
+    blocked = oos_prob > confidence  # abstains at any threshold
+    # a row abstains at threshold t exactly when blocked or confidence < t
+    correct = np.array([labels[i] for i in top], dtype=object) == truth_arr
+    accuracy = nan
+    if n_in:
+        kept = np.sort(confidence[~is_oos & correct & ~blocked])
+        accuracy = (len(kept) - np.searchsorted(kept, thresholds, side="left")) / n_in
+    recall = nan
+    if n_oos:
+        open_oos = np.sort(confidence[is_oos & ~blocked])
+        caught = int((is_oos & blocked).sum()) + np.searchsorted(open_oos, thresholds, side="left")
+        recall = caught / n_oos
+    return OperatingPoints(thresholds, accuracy, recall)
 
 
 def predict_texts(

@@ -138,13 +138,22 @@ class ModelCard:
         )
 
 
-def _linear_nodes(dense: bool) -> list[onnx.NodeProto]:
+def _linear_nodes(dense: bool, int8: bool = False) -> list[onnx.NodeProto]:
+    """The graph of a Plexus linear head (``dense``: with the encoder's embedding input;
+    ``int8``: weight rows stored as int8 with a float32 scale per row)."""
     from onnx import TensorProto, helper
 
-    """The graph of a Plexus linear head (``dense``: with the encoder's embedding input)."""
-    nodes = [
-        helper.make_node("Gather", ["remap", "ids"], ["rows"], axis=0),
-        helper.make_node("Gather", ["weights", "rows"], ["gathered"], axis=0),
+    nodes = [helper.make_node("Gather", ["remap", "ids"], ["rows"], axis=0)]
+    if int8:
+        nodes += [
+            helper.make_node("Gather", ["weights", "rows"], ["gathered_q"], axis=0),
+            helper.make_node("Cast", ["gathered_q"], ["gathered_f"], to=TensorProto.FLOAT),
+            helper.make_node("Gather", ["scales", "rows"], ["gathered_scales"], axis=0),
+            helper.make_node("Mul", ["gathered_f", "gathered_scales"], ["gathered"]),
+        ]
+    else:
+        nodes.append(helper.make_node("Gather", ["weights", "rows"], ["gathered"], axis=0))
+    nodes += [
         helper.make_node("ReduceSum", ["gathered", "axis1"], ["summed"], keepdims=0),
         helper.make_node("Less", ["ids", "pad_id"], ["real"]),
         helper.make_node("Cast", ["real"], ["real_f"], to=TensorProto.FLOAT),
@@ -167,36 +176,71 @@ def _linear_nodes(dense: bool) -> list[onnx.NodeProto]:
     ]
 
 
+def quantize_rows(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 rows and one float32 scale per row, ``weights[r] ~= q[r] * scale[r]``: each row's
+    largest magnitude maps to 127 (an all-zero row gets scale 1)."""
+    weights = np.asarray(weights, dtype=np.float32)
+    top = np.abs(weights).max(axis=1) if weights.size else np.zeros(len(weights), np.float32)
+    scales = np.where(top > 0, top / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(weights / scales[:, None]), -127, 127).astype(np.int8)
+    return q, scales
+
+
 def build_linear_onnx(
     sparse_weights: np.ndarray,
     bias: np.ndarray,
     card: ModelCard,
     dense_weights: np.ndarray | None = None,
+    *,
+    bucket_ids: np.ndarray | None = None,
+    int8: bool = False,
 ) -> bytes:
     """Serialise a trained head: softmax(sum(W[ids]) / sqrt(n_ids) [+ embedding @ E] + b).
 
-    ``sparse_weights`` is ``[buckets, classes]``; only rows that training touched are stored,
-    behind an int64 remap table, so the file grows with the vocabulary seen, not the buckets.
+    ``sparse_weights`` is ``[buckets, classes]``, or with ``bucket_ids`` the rows of those
+    buckets only (every other bucket weighs nothing). Only nonzero rows are stored, behind an
+    int32 remap table, so the file grows with the vocabulary kept, not the buckets; ``int8``
+    stores them as int8 with a float32 scale per row (:func:`quantize_rows`), a quarter of the
+    size.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    buckets, classes = sparse_weights.shape
-    used = np.flatnonzero(np.any(sparse_weights != 0, axis=1))
-    remap = np.full(buckets + 1, len(used), dtype=np.int64)  # pad and unseen -> zero row
-    remap[used] = np.arange(len(used), dtype=np.int64)
-    compact = np.zeros((len(used) + 1, classes), dtype=np.float32)
-    compact[: len(used)] = sparse_weights[used]
+    sparse_weights = np.asarray(sparse_weights, dtype=np.float32)
+    classes = sparse_weights.shape[1]
+    if bucket_ids is None:
+        buckets = sparse_weights.shape[0]
+        bucket_ids = np.arange(buckets, dtype=np.int64)
+    else:
+        buckets = card.featurizer.buckets
+        bucket_ids = np.asarray(bucket_ids, dtype=np.int64)
+        if len(bucket_ids) != len(sparse_weights):
+            raise ValueError(f"{len(bucket_ids)} bucket ids for {len(sparse_weights)} rows")
+        if len(bucket_ids) and (bucket_ids.min() < 0 or bucket_ids.max() >= buckets):
+            raise ValueError(f"bucket ids must be in [0, {buckets})")
+    kept = np.flatnonzero(np.any(sparse_weights != 0, axis=1))
+    remap = np.full(buckets + 1, len(kept), dtype=np.int32)  # pad and unseen -> zero row
+    remap[bucket_ids[kept]] = np.arange(len(kept), dtype=np.int32)
+    compact = np.zeros((len(kept) + 1, classes), dtype=np.float32)
+    compact[: len(kept)] = sparse_weights[kept]
     pad_id = buckets
+    if int8:
+        q, scales = quantize_rows(compact)
+        stored = [
+            numpy_helper.from_array(q, "weights"),
+            numpy_helper.from_array(scales.reshape(-1, 1), "scales"),
+        ]
+    else:
+        stored = [numpy_helper.from_array(compact, "weights")]
     inits = [
         numpy_helper.from_array(remap, "remap"),
-        numpy_helper.from_array(compact, "weights"),
+        *stored,
         numpy_helper.from_array(bias.astype(np.float32).reshape(1, -1), "bias"),
         numpy_helper.from_array(np.array(pad_id, dtype=np.int64), "pad_id"),
         numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
         numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
     ]
-    nodes = _linear_nodes(dense=dense_weights is not None)
+    nodes = _linear_nodes(dense=dense_weights is not None, int8=int8)
     inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "length"])]
     if dense_weights is not None:
         inputs.append(
@@ -228,11 +272,35 @@ class NativeLinearHead:
     embedding input; any other contract-compliant file runs in onnxruntime.
     """
 
-    def __init__(self, remap: np.ndarray, weights: np.ndarray, bias: np.ndarray, pad_id: int):
+    def __init__(
+        self,
+        remap: np.ndarray,
+        weights: np.ndarray,
+        bias: np.ndarray,
+        pad_id: int,
+        scales: np.ndarray | None = None,
+    ):
+        """``weights`` float32 ``[rows, classes]``, or int8 with ``scales`` (float32, one per
+        row): the two graphs ``build_linear_onnx`` writes. int8 rows are multiplied out here
+        into float32 (the products the graph's ``Cast`` and ``Mul`` make), which the kernel
+        sums faster than it converts int8 (7 µs against 9.5 µs per CLINC150 decision)."""
         self.remap = np.ascontiguousarray(remap, dtype=np.int64)
-        self.weights = np.ascontiguousarray(weights, dtype=np.float32)
+        self.quantized: tuple[np.ndarray, np.ndarray] | None = None
+        if scales is None:
+            self.weights = np.ascontiguousarray(weights, dtype=np.float32)
+        else:
+            q = np.asarray(weights)
+            row_scales = np.ascontiguousarray(np.reshape(scales, -1), dtype=np.float32)
+            if q.dtype != np.int8:
+                raise ModelContractError("scaled linear head weights must be int8")
+            if q.ndim != 2 or len(row_scales) != len(q):
+                raise ModelContractError("the scales do not match the weight rows")
+            self.quantized = (q, row_scales)
+            self.weights = np.ascontiguousarray(q.astype(np.float32) * row_scales[:, None])
         self.bias = np.ascontiguousarray(bias.reshape(-1), dtype=np.float32)
         self.pad_id = int(pad_id)
+        if self.weights.ndim != 2 or len(self.weights) == 0:
+            raise ModelContractError("the linear head weights must be a nonempty matrix")
         if len(self.remap) != self.pad_id + 1 or len(self.bias) != self.weights.shape[1]:
             raise ModelContractError("inconsistent linear head tensors")
         if self.remap.min() < 0 or self.remap.max() >= len(self.weights):
@@ -253,25 +321,30 @@ class NativeLinearHead:
             with np.load(cached) as arrays:
                 if not bool(arrays["native"]):
                     return None
+                scales = arrays["scales"] if "scales" in arrays.files else None
                 return cls(
-                    arrays["remap"], arrays["weights"], arrays["bias"], int(arrays["pad_id"])
+                    arrays["remap"],
+                    arrays["weights"],
+                    arrays["bias"],
+                    int(arrays["pad_id"]),
+                    scales,
                 )
         except (OSError, KeyError, ValueError):
             pass  # not cached yet (or damaged): parse the graph and cache it
         import onnx
 
         head = cls.from_model(onnx.load_from_string(model_bytes))
-        arrays = (
-            {"native": np.array(False)}
-            if head is None
-            else {
-                "native": np.array(True),
-                "remap": head.remap,
-                "weights": head.weights,
+        arrays: dict[str, np.ndarray] = {"native": np.array(head is not None)}
+        if head is not None:
+            weights, scales = head.quantized or (head.weights, None)
+            arrays |= {
+                "remap": head.remap.astype(np.int32 if len(head.weights) < 2**31 else np.int64),
+                "weights": weights,
                 "bias": head.bias,
                 "pad_id": np.array(head.pad_id),
             }
-        )
+            if scales is not None:
+                arrays["scales"] = scales
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         with contextlib.suppress(OSError):  # an unwritable cache only costs time
@@ -283,16 +356,27 @@ class NativeLinearHead:
         from onnx import numpy_helper
 
         graph = model.graph
-        if [i.name for i in graph.input] != ["ids"] or _node_signature(graph.node) != (
-            _node_signature(_linear_nodes(dense=False))
-        ):
+        if [i.name for i in graph.input] != ["ids"]:
+            return None
+        signature = _node_signature(graph.node)
+        int8 = signature == _node_signature(_linear_nodes(dense=False, int8=True))
+        if not int8 and signature != _node_signature(_linear_nodes(dense=False)):
             return None
         tensors = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-        if not {"remap", "weights", "bias", "pad_id", "axis1", "one"} <= set(tensors):
+        needed = {"remap", "weights", "bias", "pad_id", "axis1", "one"} | (
+            {"scales"} if int8 else set()
+        )
+        if not needed <= set(tensors):
             return None
         if tensors["axis1"].tolist() != [1] or float(tensors["one"]) != 1.0:
             return None
-        return cls(tensors["remap"], tensors["weights"], tensors["bias"], int(tensors["pad_id"]))
+        weights = tensors["weights"]
+        if weights.dtype != (np.int8 if int8 else np.float32):
+            return None
+        if int8 and tensors["scales"].shape != (len(weights), 1):
+            return None
+        scales = tensors["scales"] if int8 else None
+        return cls(tensors["remap"], weights, tensors["bias"], int(tensors["pad_id"]), scales)
 
     def probs(self, ids: np.ndarray) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int64)

@@ -10,7 +10,7 @@ from router.files import Progress
 from router.routing.examples import DEFAULT_OOS_LABEL, DatasetError, Examples, read_examples
 from router.routing.featurizer import FeaturizerParams
 from router.routing.registry import ModelRegistry
-from router.routing.training import TrainedModel, train_model
+from router.routing.training import CalibrationRule, TrainedModel, train_model
 
 
 @dataclass
@@ -81,7 +81,7 @@ def train_tenant(
         featurizer_params=FeaturizerParams(buckets_log2=model_config.buckets_log2, seed=use_seed),
         threshold=model_config.threshold,
         regularization=model_config.regularization,
-        inscope_tolerance=model_config.inscope_tolerance,
+        calibration=CalibrationRule(**model_config.calibration.model_dump()),
         seed=use_seed,
         progress=progress,
     )
