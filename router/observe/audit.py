@@ -455,10 +455,10 @@ class AuditLog:
         """Group commits so far (one write and one fdatasync each)."""
         self.records = 0
         """Records written by this log (checkpoints included)."""
-        created = not directory.exists()
+        missing = [d for d in (directory, *directory.parents) if not d.exists()]
         directory.mkdir(parents=True, exist_ok=True)
-        if created:
-            fsync_dir(directory.parent)
+        for created in reversed(missing):  # each new folder made durable in the one above it
+            fsync_dir(created.parent)
         self._lock_fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             with self._locked():
