@@ -278,6 +278,7 @@ def test_one_sample_thresholds_alarm_too_often_on_new_text_two_sample_ones_do_no
         view = evaluate(synthetic_reference(population(rng, 300)), population(rng, 200), config)
         for s in view.statistics:
             fresh[s.name] += s.alarm
+    print(f"\nnew text, 300-row reference, one-sample thresholds at 0.001: {fresh} of 300")
     assert sum(fresh.values()) > 300 * 3 * 0.001 * 5
 
 
@@ -308,7 +309,9 @@ def test_a_shift_raises_the_statistic_it_should():
 def test_too_few_answered_requests_leave_labels_untested():
     rng = np.random.default_rng(4)
     reference = synthetic_reference(population(rng, 1000))
-    view = evaluate(reference, [("app", None, 0.1, True)] * 30, DriftConfig(window=30, min_requests=20))
+    view = evaluate(
+        reference, [("app", None, 0.1, True)] * 30, DriftConfig(window=30, min_requests=20)
+    )
     assert [s.name for s in view.statistics] == ["confidence", "abstention"]
     assert "labels" in view.note
     assert evaluate(reference, [("other-app", "a", 0.5, False)], DriftConfig()).note

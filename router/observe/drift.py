@@ -62,10 +62,11 @@ MIN_BIN_EXPECTED = 5.0
 """Pooled route bins expect at least this many requests in the window and in the reference,
 where the chi-square approximation behind the labels threshold holds."""
 
-PENDING_WINDOWS = 8
-"""Closed windows waiting for a reference beyond this many are dropped, oldest first."""
+PENDING_WINDOWS = 64
+"""Closed windows waiting to be tested (for the reference, or for the background thread to catch
+up) beyond this many are dropped untested, oldest first."""
 
-Record = tuple[str, "str | None", float, bool]
+Record = tuple[str, str | None, float, bool]
 """One decision as drift keeps it: app, route (None when abstained), confidence, abstained."""
 
 
@@ -563,10 +564,11 @@ class DriftMonitor:
             if config is None:
                 return
             key = (tenant, decision.model_version)
+            confidence = decision.confidence
             record: Record = (
                 state.query.app,
                 None if decision.abstained else decision.route,
-                decision.confidence,
+                confidence if math.isfinite(confidence) else 0.0,  # as a non-finite decision
                 decision.abstained,
             )
             with self._lock:
