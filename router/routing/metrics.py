@@ -89,7 +89,8 @@ def macro_f1(
 def evaluate(
     probs: np.ndarray, truth: Sequence[str], labels: Sequence[str], oos_label: str, threshold: float
 ) -> dict[str, float]:
-    """In-scope accuracy (an abstention is an error), out-of-scope recall/precision, macro-F1.
+    """In-scope accuracy (an abstention is an error), out-of-scope recall/precision, macro-F1,
+    and the share of rows answered (not abstained).
 
     Macro-F1 is over the in-scope labels of ``truth``: an abstention on an in-scope query is a
     miss of its label and an out-of-scope query routed to a label a false alarm of that label,
@@ -100,6 +101,8 @@ def evaluate(
     pred_arr = np.array(result.predicted, dtype=object)
     is_oos = truth_arr == oos_label
     metrics: dict[str, float] = {"threshold": float(threshold), "examples": float(len(truth))}
+    if len(truth):
+        metrics["answered"] = float(1.0 - np.mean(result.abstained))
     if (~is_oos).any():
         metrics["inscope_accuracy"] = float(np.mean(pred_arr[~is_oos] == truth_arr[~is_oos]))
     if is_oos.any():
