@@ -42,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="StackFAQ by exact search only (not through an ingested collection and Stitch)",
     )
+    parser.add_argument(
+        "--skip-dev-split",
+        action="store_true",
+        help="do not measure the hybrid fusion grid on the dev split made from the corpus",
+    )
 
 
 def _error(exc: Exception) -> int:
@@ -78,7 +83,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         if files is not None and data is not None:
             try:
-                stackfaq = quality.run(data, files, served=not args.skip_served)
+                stackfaq = quality.run(
+                    data, files, served=not args.skip_served, dev=not args.skip_dev_split
+                )
             except quality.DataError as exc:
                 return _error(exc)
         sizes = list(dict.fromkeys(args.sizes))

@@ -25,6 +25,7 @@ import numpy as np
 
 from bench import api
 from bench.report import fence, markdown_table, say
+from bench.retrieval import dev_split
 from bench.retrieval import served as served_path
 
 K = 10
@@ -199,8 +200,11 @@ def readme_files(folder: Path) -> list[dict[str, Any]]:
     return found
 
 
-def run(folder: Path, files: dict[str, Path], served: bool = True) -> dict[str, Any]:
-    """The exact-search metrics and, with ``served``, the served path's
+def run(
+    folder: Path, files: dict[str, Path], served: bool = True, dev: bool = True
+) -> dict[str, Any]:
+    """The exact-search metrics; with ``dev``, the fusion grid on the corpus-made dev split
+    (:func:`bench.retrieval.dev_split.run`); with ``served``, the served path's metrics
     (:func:`bench.retrieval.served.run`)."""
     import faiss
 
@@ -245,6 +249,9 @@ def run(folder: Path, files: dict[str, Path], served: bool = True) -> dict[str, 
         for name, value in query_metrics(ranked[:K], evaluated[query_id]).items():
             totals[name] = totals.get(name, 0.0) + value
     metrics = {name: value / len(query_ids) for name, value in totals.items()}
+    dev_part: dict[str, Any] = {"run": False, "reason": "skipped (--skip-dev-split)"}
+    if dev:
+        dev_part = dev_split.run(files["corpus"])
     served_part: dict[str, Any] = {"run": False, "reason": "skipped (--skip-served)"}
     if served:
         titles = [t for t in doc_titles if t.strip()]
@@ -267,6 +274,7 @@ def run(folder: Path, files: dict[str, Path], served: bool = True) -> dict[str, 
         "documents_per_second": round(len(doc_ids) / encode_seconds, 1) if encode_seconds else 0,
         "search_seconds": round(search_seconds, 3),
         "metrics": metrics,
+        "dev_split": dev_part,
         "served": served_part,
         "readme": readme_files(folder),
         "seconds": round(time.monotonic() - started, 1),
@@ -327,6 +335,10 @@ def markdown(part: dict[str, Any]) -> str:
             "\n".join(f"- {n}" for n in notes),
             "",
             table,
+            "",
+            "### Choosing the fusion on a dev split made from the corpus",
+            "",
+            dev_split.markdown(part.get("dev_split") or {"run": False, "reason": "not run"}),
             "",
             "### Through the served path (ingested collection, Stitch in process)",
             "",
@@ -392,7 +404,9 @@ def served_markdown(part: dict[str, Any], exact: dict[str, float]) -> str:
         f"the query encoded, {part['chunks_per_query']} chunks retrieved, the prompt "
         "assembled), one at a time; the ranking is the placed pieces' order, each entry "
         "counted at its first chunk. The Stitch columns time the whole call.",
+        "The collection source keeps its default `min_score` 0 (chunks of negative cosine "
+        "are left out, so a result can hold fewer than ten entries).",
         "The variants search the same ingested version with another `hybrid` setting "
-        "(search-time only).",
+        "(search-time only), each in its own `Plexus`, taking turns query by query.",
     ]
     return "\n".join(["\n".join(f"- {n}" for n in notes), "", table])

@@ -10,7 +10,8 @@ order of the placed pieces, each FAQ entry counted at its first chunk, scored as
 search is (:func:`bench.retrieval.quality.query_metrics`).
 
 Each variant is one search setting of the same ingested collection (``hybrid`` is search-time
-only): the collection's defaults, and the vectors alone (``bm25_weight: 0``) beside it.
+only): the collection's defaults, and the vectors alone (``bm25_weight: 0``) beside it; each
+has its own ``Plexus`` in the one process and they take turns query by query.
 """
 
 from __future__ import annotations
@@ -94,43 +95,57 @@ def _entry(source: str) -> str:
     return source.rsplit("#", 1)[-1]
 
 
-async def _ask_all(loaded: Any, query_ids: list[str], queries: dict[str, str]) -> dict[str, Any]:
-    plexus = api.Plexus(loaded)
+async def _ask_all(
+    configs: list[Any], query_ids: list[str], queries: dict[str, str]
+) -> list[dict[str, Any]]:
+    """Every query through each configuration's ``Plexus``, the variants taking turns query by
+    query (so a change in the machine's load falls on all of them alike)."""
+    servers = [api.Plexus(loaded) for loaded in configs]
     try:
-        await plexus.warm()
-        collection = plexus.collections[TENANT].get(COLLECTION)
-        caller = plexus.keys.authenticate(KEY)
+        for plexus in servers:
+            await plexus.warm()
+        callers = [plexus.keys.authenticate(KEY) for plexus in servers]
         for query_id in query_ids[:20]:  # warm-up
-            await plexus.pipeline.stitch(caller, api.RouteQuery(app=APP, text=queries[query_id]))
-        rankings: dict[str, list[str]] = {}
-        samples = np.empty(len(query_ids), dtype=np.int64)
-        distinct = []
+            for plexus, caller in zip(servers, callers, strict=True):
+                query = api.RouteQuery(app=APP, text=queries[query_id])
+                await plexus.pipeline.stitch(caller, query)
+        rankings: list[dict[str, list[str]]] = [{} for _ in servers]
+        samples = np.empty((len(servers), len(query_ids)), dtype=np.int64)
+        distinct: list[list[int]] = [[] for _ in servers]
         for n, query_id in enumerate(query_ids):
-            query = api.RouteQuery(app=APP, text=queries[query_id])
-            started = time.perf_counter_ns()
-            result = await plexus.pipeline.stitch(caller, query)
-            samples[n] = time.perf_counter_ns() - started
-            entries = [
-                _entry(p.piece.source)
-                for p in result.assembly.placed
-                if p.piece.kind == "collection"
-            ]
-            ranked = list(dict.fromkeys(entries))
-            distinct.append(len(ranked))
-            rankings[query_id] = ranked
-        return {
-            "index": collection.index_kind,
-            "chunks": collection.size,
-            "version": collection.version,
-            "hybrid_active": collection.hybrid_active,
-            "rankings": rankings,
-            "stitch": percentiles_us(samples),
-            "distinct_entries_min": int(min(distinct)) if distinct else 0,
-        }
+            for v, (plexus, caller) in enumerate(zip(servers, callers, strict=True)):
+                query = api.RouteQuery(app=APP, text=queries[query_id])
+                started = time.perf_counter_ns()
+                result = await plexus.pipeline.stitch(caller, query)
+                samples[v, n] = time.perf_counter_ns() - started
+                entries = [
+                    _entry(p.piece.source)
+                    for p in result.assembly.placed
+                    if p.piece.kind == "collection"
+                ]
+                ranked = list(dict.fromkeys(entries))
+                distinct[v].append(len(ranked))
+                rankings[v][query_id] = ranked
+        out = []
+        for v, plexus in enumerate(servers):
+            collection = plexus.collections[TENANT].get(COLLECTION)
+            out.append(
+                {
+                    "index": collection.index_kind,
+                    "chunks": collection.size,
+                    "version": collection.version,
+                    "hybrid_active": collection.hybrid_active,
+                    "rankings": rankings[v],
+                    "stitch": percentiles_us(samples[v]),
+                    "distinct_entries_min": min(distinct[v], default=0),
+                }
+            )
+        return out
     finally:
-        await plexus.aclose()
-        for name in plexus.collections[TENANT].names():
-            plexus.collections[TENANT].get(name).close()
+        for plexus in servers:
+            await plexus.aclose()
+            for name in plexus.collections[TENANT].names():
+                plexus.collections[TENANT].get(name).close()
 
 
 def run(
@@ -158,10 +173,13 @@ def run(
         t0 = time.perf_counter()
         report = api.ingest(first, TENANT, COLLECTION, [corpus])
         ingest_seconds = time.perf_counter() - t0
-        for n, (name, hybrid) in enumerate(variants.items()):
-            loaded = first if n == 0 else _load(workdir, f"variant{n}", titles, hybrid)
-            say(f"[stackfaq served] {name}: {len(query_ids)} Stitch calls")
-            asked = asyncio.run(_ask_all(loaded, query_ids, queries))
+        configs = [
+            first if n == 0 else _load(workdir, f"variant{n}", titles, hybrid)
+            for n, hybrid in enumerate(variants.values())
+        ]
+        say(f"[stackfaq served] {len(query_ids)} Stitch calls for each of {len(configs)} settings")
+        answers = asyncio.run(_ask_all(configs, query_ids, queries))
+        for (name, hybrid), asked in zip(variants.items(), answers, strict=True):
             totals: dict[str, float] = {}
             for query_id in query_ids:
                 ranked = [d for d in asked["rankings"][query_id] if d != query_id]
