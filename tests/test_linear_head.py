@@ -19,7 +19,7 @@ from router._native import NO_EXTENSIONS
 from router.routing import model
 from router.routing.featurizer import FeaturizerParams
 from router.routing.linear_head_ref import linear_head_probs as reference_probs
-from router.routing.model import Classifier, ModelCard, build_linear_onnx
+from router.routing.model import Classifier, ModelCard, build_linear_onnx, quantize_rows
 
 NATIVE_MODULE = "router._native.linear_head"
 
@@ -36,7 +36,9 @@ def head_probs(implementation: str) -> HeadProbs:
     return reference_probs
 
 
-def make_model(buckets_log2: int, classes: int, seed: int, sparsity: float) -> bytes:
+def make_model(
+    buckets_log2: int, classes: int, seed: int, sparsity: float, int8: bool = False
+) -> bytes:
     rng = np.random.default_rng(seed)
     params = FeaturizerParams(buckets_log2=buckets_log2)
     weights = rng.normal(scale=3.0, size=(params.buckets, classes)).astype(np.float32)
@@ -52,7 +54,7 @@ def make_model(buckets_log2: int, classes: int, seed: int, sparsity: float) -> b
         training_data_sha256="0" * 64,
         created_at="2026-01-01T00:00:00+00:00",
     )
-    return build_linear_onnx(weights, rng.normal(size=classes).astype(np.float32), card)
+    return build_linear_onnx(weights, rng.normal(size=classes).astype(np.float32), card, int8=int8)
 
 
 def padded_ids(pad: int, max_side: int = 300) -> st.SearchStrategy[np.ndarray]:
@@ -72,12 +74,20 @@ def padded_ids(pad: int, max_side: int = 300) -> st.SearchStrategy[np.ndarray]:
     classes=st.integers(2, 40),
     seed=st.integers(0, 2**16),
     sparsity=st.floats(0.0, 1.0),
+    int8=st.booleans(),
     data=st.data(),
 )
 def test_agrees_with_onnxruntime(
-    head_probs: HeadProbs, buckets_log2: int, classes: int, seed: int, sparsity: float, data
+    head_probs: HeadProbs,
+    buckets_log2: int,
+    classes: int,
+    seed: int,
+    sparsity: float,
+    int8: bool,
+    data,
 ):
-    model_bytes = make_model(buckets_log2, classes, seed, sparsity)
+    """Both graphs (float32 rows, int8 rows with a scale each) against onnxruntime."""
+    model_bytes = make_model(buckets_log2, classes, seed, sparsity, int8)
     served = Classifier(model_bytes, "n")
     onnxruntime = Classifier(model_bytes, "o", native_head=False)
     assert served.native_head is not None and onnxruntime.native_head is None
@@ -169,3 +179,54 @@ def test_native_matches_reference(rows: int, classes: int, seed: int, data):
         rtol=1e-3,
         atol=1e-5,
     )
+
+
+# -- int8 rows, bucket ids, the head cache ------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    weights=hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=30),
+        elements=st.floats(-1e3, 1e3, width=32),
+    )
+)
+def test_int8_rows_are_within_half_a_step(weights: np.ndarray):
+    q, scales = quantize_rows(weights)
+    assert q.dtype == np.int8 and scales.dtype == np.float32 and (scales > 0).all()
+    assert np.abs(q.astype(np.int16)).max() <= 127
+    error = np.abs(q.astype(np.float32) * scales[:, None] - weights)
+    assert (error <= scales[:, None] * 0.5 + 1e-6 * np.abs(weights)).all()
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_rows_given_by_bucket_id_equal_the_full_matrix(int8: bool):
+    rng = np.random.default_rng(3)
+    params = FeaturizerParams(buckets_log2=10)
+    card = Classifier(make_model(10, 5, 0, 0.5), "x").card
+    full = np.zeros((params.buckets, 5), dtype=np.float32)
+    ids = np.sort(rng.choice(params.buckets, size=40, replace=False))
+    full[ids] = rng.normal(size=(40, 5))
+    bias = rng.normal(size=5).astype(np.float32)
+    by_rows = build_linear_onnx(full[ids], bias, card, bucket_ids=ids, int8=int8)
+    whole = build_linear_onnx(full, bias, card, int8=int8)
+    probe = rng.integers(0, params.buckets + 1, size=(6, 20))
+    np.testing.assert_array_equal(
+        Classifier(by_rows, "r").predict(probe)[0], Classifier(whole, "w").predict(probe)[0]
+    )
+    with pytest.raises(ValueError, match="bucket ids"):
+        build_linear_onnx(full[:3], bias, card, bucket_ids=np.array([0, 1, params.buckets]))
+
+
+def test_an_int8_head_is_cached_as_int8_and_served_the_same(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLEXUS_CACHE_DIR", str(tmp_path))
+    model_bytes = make_model(12, 7, 5, 0.3, int8=True)
+    first = Classifier(model_bytes, "a")
+    (entry,) = tmp_path.glob("head-*.npz")
+    with np.load(entry) as arrays:
+        assert arrays["weights"].dtype == np.int8 and "scales" in arrays.files
+    again = Classifier(model_bytes, "b")  # from the cache this time
+    ids = np.random.default_rng(0).integers(0, 2**12 + 1, size=(4, 50))
+    np.testing.assert_array_equal(first.predict(ids)[0], again.predict(ids)[0])
+    assert again.native_head is not None and again.native_head.quantized is not None

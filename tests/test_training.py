@@ -182,3 +182,67 @@ def test_encoder_on_cuda_falls_back_to_the_cpu_without_a_gpu():
     encoder = SentenceEncoder(device="cuda")
     assert encoder.device == "cpu"
     assert encoder.encode(["still works"]).shape == (1, 384)
+
+
+def test_rows_that_weigh_least_are_pruned_to_the_budget():
+    from router.routing.training import prune_rows
+
+    weights = np.array([[0.1, -0.2], [3.0, 0.0], [0.0, -2.0], [0.5, 0.5]], dtype=np.float32)
+    assert prune_rows(weights, max_bytes=100).tolist() == [0, 1, 2, 3]
+    assert prune_rows(weights, max_bytes=4).tolist() == [1, 2]  # 2 rows of 2 one-byte weights
+    assert prune_rows(weights, max_bytes=1).tolist() == [1]
+
+
+def test_the_temperature_fits_held_out_likelihood():
+    from router.routing.training import fit_temperature
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 5, size=2000)
+    scores = rng.normal(size=(2000, 5))
+    scores[np.arange(2000), truth] += 1.0
+    sharp = fit_temperature(scores, truth)
+    # the true model is softmax(scores): a fitted factor near 1
+    assert 0.8 < sharp < 1.25
+    assert fit_temperature(scores / 4, truth) == pytest.approx(4 * sharp, rel=0.05)
+    assert fit_temperature(np.zeros((0, 5)), np.zeros(0, dtype=np.int64)) == 1.0
+
+
+def test_the_served_model_is_the_fitted_head():
+    """The exported file (int8 rows, temperature folded in) gives softmax of the head's scores."""
+    trained = train_model(small_examples(), featurizer_params=PARAMS, seed=0, heldout_fraction=0.4)
+    classifier = Classifier(trained.model_bytes, "m")
+    assert classifier.native_head is not None and classifier.native_head.quantized is not None
+    texts = ["where is my parcel", "refund please", "store closing time", "weather on mars"]
+    probs, _ = classifier.predict(classifier.featurizer.featurize_batch(texts))
+    reference = Classifier(trained.model_bytes, "o", native_head=False)
+    np.testing.assert_allclose(
+        probs, reference.predict(reference.featurizer.featurize_batch(texts))[0], atol=1e-5
+    )
+    assert float(trained.card.extra["plexus.temperature"]) > 0
+
+
+def test_two_routes_without_out_of_scope_train_and_route():
+    examples = Examples(
+        [
+            "where is my order",
+            "track my parcel",
+            "order status please",
+            "has it shipped",
+            "refund my shoes",
+            "return this item",
+            "money back please",
+            "send it back",
+        ],
+        ["order"] * 4 + ["returns"] * 4,
+    )
+    trained = train_model(examples, featurizer_params=PARAMS, seed=0, heldout_fraction=0.5)
+    classifier = Classifier(trained.model_bytes, "two")
+    probs, _ = classifier.predict(classifier.featurizer.featurize_batch(["track my order"]))
+    assert classifier.labels == ["order", "returns"] and probs.shape == (1, 2)
+    assert classifier.labels[int(probs.argmax())] == "order"
+    assert "no out-of-scope examples" in trained.calibration.how
+
+
+def test_an_unknown_family_is_refused():
+    with pytest.raises(DatasetError, match="unknown model family"):
+        train_model(small_examples(), family="huge", featurizer_params=PARAMS)
