@@ -113,3 +113,46 @@ def linear_head_probs(const int64_t[:, ::1] ids, const int64_t[::1] remap,
     if not ok:
         raise ValueError(f"feature id {bad} is outside [0, {pad_id}]")
     return out_array
+
+
+cdef class LinearHead:
+    """One model's head, checked once: ``probs(ids)`` is :func:`linear_head_probs` without
+    re-reading the weights, bias and remap table on every call (about 1.5 µs of a decision).
+
+    The arrays are referenced, not copied: they must not change while the head is in use.
+    """
+
+    cdef const int64_t[::1] remap
+    cdef const float[:, ::1] weights
+    cdef const float[::1] bias
+    cdef readonly int64_t pad_id
+    cdef Py_ssize_t rows, classes
+
+    def __init__(self, const int64_t[::1] remap, const float[:, ::1] weights,
+                 const float[::1] bias, int64_t pad_id):
+        if weights.shape[0] == 0:
+            raise ValueError("the head has no weight rows")
+        check_shapes(bias.shape[0], weights.shape[1], remap.shape[0], pad_id)
+        self.remap = remap
+        self.weights = weights
+        self.bias = bias
+        self.pad_id = pad_id
+        self.rows = weights.shape[0]
+        self.classes = weights.shape[1]
+
+    def probs(self, const int64_t[:, ::1] ids):
+        """Probabilities ``[batch, classes]`` (float32) for padded ids ``[batch, length]``."""
+        cdef Py_ssize_t batch = ids.shape[0], length = ids.shape[1]
+        cdef int64_t bad = 0
+        cdef bint ok
+        out_array = np.empty((batch, self.classes), dtype=np.float32)
+        cdef float[:, ::1] out = out_array
+        if batch == 0:
+            return out_array
+        with nogil:
+            ok = linear_head_kernel(&ids[0, 0], batch, length, &self.remap[0],
+                                    &self.weights[0, 0], self.rows, self.classes,
+                                    &self.bias[0], self.pad_id, &out[0, 0], &bad)
+        if not ok:
+            raise ValueError(f"feature id {bad} is outside [0, {self.pad_id}]")
+        return out_array

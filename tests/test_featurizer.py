@@ -184,7 +184,7 @@ def test_no_extensions_switch_chooses_every_module_at_import(value: str):
         "from router._native import NO_EXTENSIONS\n"
         "from router.routing import featurizer, linear_head_ref, model\n"
         "built = all(u.find_spec(f'router._native.{m}') for m in ('featurizer', 'linear_head'))\n"
-        "head_native = model._linear_head_probs is not linear_head_ref.linear_head_probs\n"
+        "head_native = model._LinearHead is not linear_head_ref.LinearHead\n"
         "print(NO_EXTENSIONS, built, featurizer.USING_NATIVE, head_native)\n"
     )
     env = {**os.environ, "PLEXUS_NO_EXTENSIONS": value}

@@ -142,15 +142,45 @@ def test_accurate_and_foreign_graphs_run_in_onnxruntime():
 
 
 def test_the_served_head_follows_the_switch():
+    from router.routing.linear_head_ref import LinearHead as ReferenceHead
+
     if NO_EXTENSIONS:
-        assert model._linear_head_probs is reference_probs
+        assert model._LinearHead is ReferenceHead
         return
     try:
-        from router._native.linear_head import linear_head_probs
+        from router._native.linear_head import LinearHead
     except ImportError:
-        assert model._linear_head_probs is reference_probs
+        assert model._LinearHead is ReferenceHead
     else:
-        assert model._linear_head_probs is linear_head_probs
+        assert model._LinearHead is LinearHead
+
+
+@pytest.mark.parametrize("kind", ["native", "reference"])
+def test_a_head_checks_its_tensors_once_and_refuses_bad_ids(
+    kind: str, request: pytest.FixtureRequest
+):
+    from router.routing.linear_head_ref import LinearHead as ReferenceHead
+
+    if kind == "native":
+        request.getfixturevalue("native_available")
+        from router._native.linear_head import LinearHead
+    else:
+        LinearHead = ReferenceHead  # noqa: N806
+    remap = np.array([0, 1, 2, 2], dtype=np.int64)
+    weights = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=np.float32)
+    bias = np.zeros(2, dtype=np.float32)
+    head = LinearHead(remap, weights, bias, 3)
+    ids = np.array([[0, 0, 3], [1, 3, 3]], dtype=np.int64)
+    np.testing.assert_allclose(
+        head.probs(ids), reference_probs(ids, remap, weights, bias, 3), rtol=1e-6
+    )
+    assert head.probs(np.zeros((0, 4), dtype=np.int64)).shape == (0, 2)
+    with pytest.raises(ValueError, match="outside"):
+        head.probs(np.array([[4]], dtype=np.int64))
+    with pytest.raises(ValueError, match="remap has"):
+        LinearHead(remap[:2], weights, bias, 3)
+    with pytest.raises(ValueError, match="bias has"):
+        LinearHead(remap, weights, bias[:1], 3)
 
 
 # -- the native kernel is the reference, to float32 rounding ------------------------------------

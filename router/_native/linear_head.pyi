@@ -3,3 +3,10 @@ import numpy as np
 def linear_head_probs(
     ids: np.ndarray, remap: np.ndarray, weights: np.ndarray, bias: np.ndarray, pad_id: int
 ) -> np.ndarray: ...
+
+class LinearHead:
+    pad_id: int
+    def __init__(
+        self, remap: np.ndarray, weights: np.ndarray, bias: np.ndarray, pad_id: int
+    ) -> None: ...
+    def probs(self, ids: np.ndarray) -> np.ndarray: ...

@@ -28,3 +28,20 @@ def linear_head_probs(
     _check_ids(ids, pad_id)
     summed = weights[remap[ids]].sum(axis=1, dtype=np.float32)
     return _softmax_of_sums(summed, ids, bias, pad_id)
+
+
+class LinearHead:
+    """The numpy twin of the native ``LinearHead``: :func:`linear_head_probs` over arrays
+    given once."""
+
+    def __init__(self, remap: np.ndarray, weights: np.ndarray, bias: np.ndarray, pad_id: int):
+        if len(weights) == 0:
+            raise ValueError("the head has no weight rows")
+        if len(bias) != weights.shape[1]:
+            raise ValueError(f"bias has {len(bias)} entries for {weights.shape[1]} classes")
+        if len(remap) != pad_id + 1:
+            raise ValueError(f"remap has {len(remap)} entries; expected pad_id + 1 = {pad_id + 1}")
+        self.remap, self.weights, self.bias, self.pad_id = remap, weights, bias, int(pad_id)
+
+    def probs(self, ids: np.ndarray) -> np.ndarray:
+        return linear_head_probs(ids, self.remap, self.weights, self.bias, self.pad_id)

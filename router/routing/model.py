@@ -37,12 +37,12 @@ if TYPE_CHECKING:
 # (most of it in ml_dtypes), which a server loading a cached fast model never needs.
 
 if NO_EXTENSIONS:
-    from router.routing.linear_head_ref import linear_head_probs as _linear_head_probs
+    from router.routing.linear_head_ref import LinearHead as _LinearHead
 else:
     try:
-        from router._native.linear_head import linear_head_probs as _linear_head_probs
+        from router._native.linear_head import LinearHead as _LinearHead
     except ImportError:  # pragma: no cover - only when the package was not built
-        from router.routing.linear_head_ref import linear_head_probs as _linear_head_probs
+        from router.routing.linear_head_ref import LinearHead as _LinearHead
 
 CONTRACT_VERSION = "1"
 REQUIRED_METADATA = (
@@ -178,10 +178,11 @@ def _linear_nodes(dense: bool, int8: bool = False) -> list[onnx.NodeProto]:
 
 def quantize_rows(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """int8 rows and one float32 scale per row, ``weights[r] ~= q[r] * scale[r]``: each row's
-    largest magnitude maps to 127 (an all-zero row gets scale 1)."""
+    largest magnitude maps to 127 (a row too small for a float32 step gets scale 1, all 0)."""
     weights = np.asarray(weights, dtype=np.float32)
     top = np.abs(weights).max(axis=1) if weights.size else np.zeros(len(weights), np.float32)
-    scales = np.where(top > 0, top / 127.0, 1.0).astype(np.float32)
+    step = (top / np.float32(127.0)).astype(np.float32)
+    scales = np.where(step > 0, step, np.float32(1.0)).astype(np.float32)  # 0 or subnormal
     q = np.clip(np.rint(weights / scales[:, None]), -127, 127).astype(np.int8)
     return q, scales
 
@@ -305,6 +306,7 @@ class NativeLinearHead:
             raise ModelContractError("inconsistent linear head tensors")
         if self.remap.min() < 0 or self.remap.max() >= len(self.weights):
             raise ModelContractError("the remap table points outside the weights")
+        self._head = _LinearHead(self.remap, self.weights, self.bias, self.pad_id)
 
     @classmethod
     def from_bytes(cls, model_bytes: bytes) -> NativeLinearHead | None:
@@ -379,8 +381,7 @@ class NativeLinearHead:
         return cls(tensors["remap"], weights, tensors["bias"], int(tensors["pad_id"]), scales)
 
     def probs(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        return _linear_head_probs(ids, self.remap, self.weights, self.bias, self.pad_id)
+        return self._head.probs(np.ascontiguousarray(ids, dtype=np.int64))
 
 
 def _node_signature(
