@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from bench import api, common
 from bench.report import num, percentiles_us, say, table
@@ -138,78 +139,108 @@ def _percentiles(stage: str, values: list[int]) -> dict[str, Any]:
     return {"stage": stage, "calls": len(values), "p50_us": float(p50), "p99_us": float(p99)}
 
 
-async def _time_stitch(plexus: Any, caller: Any, store_id: str) -> dict[str, Any]:
-    async def once(i: int) -> Any:
+async def _time_stitch(runs: list[tuple[Any, Any]], store_id: str) -> list[dict[str, Any]]:
+    """Each ``(plexus, caller)`` timed on the same requests, taking turns request by request
+    (so a change in the machine's load falls on all of them alike)."""
+
+    async def once(plexus: Any, caller: Any, i: int) -> Any:
         text = STITCH_QUESTIONS[i % len(STITCH_QUESTIONS)]
         query = api.RouteQuery(app="storefront", text=text, metadata={"store_id": store_id})
         return await plexus.pipeline.stitch(caller, query)
 
     for i in range(STITCH_WARMUP):
-        await once(i)
+        for plexus, caller in runs:
+            await once(plexus, caller, i)
     gc.collect()
     gc.freeze()  # as PlexusServer.start does: long-lived objects out of the collector's way
-    totals = np.empty(STITCH_REQUESTS, dtype=np.int64)
-    stages: dict[str, list[int]] = {}
-    other: list[int] = []
-    routes: Counter[str] = Counter()
-    pieces: Counter[str] = Counter()
-    synthetic = 0
+    totals = np.empty((len(runs), STITCH_REQUESTS), dtype=np.int64)
+    stages: list[dict[str, list[int]]] = [{} for _ in runs]
+    other: list[list[int]] = [[] for _ in runs]
+    routes: list[Counter[str]] = [Counter() for _ in runs]
+    pieces: list[Counter[str]] = [Counter() for _ in runs]
+    synthetic = [0 for _ in runs]
     try:
         for i in range(STITCH_REQUESTS):
-            started = time.perf_counter_ns()
-            result = await once(i)
-            totals[i] = time.perf_counter_ns() - started
-            for stage, us in result.timings_us.items():
-                stages.setdefault(stage, []).append(int(us))
-            # "stage.part" names time inside a stage: the remainder is over the stages alone
-            top = sum(us for stage, us in result.timings_us.items() if "." not in stage)
-            other.append(totals[i] // 1000 - top)
-            routes[result.decision.route] += 1
-            for placed in result.assembly.placed:
-                pieces[placed.piece.kind] += 1
-                synthetic += placed.piece.source.startswith("products:synthetic/")
+            for r, (plexus, caller) in enumerate(runs):
+                started = time.perf_counter_ns()
+                result = await once(plexus, caller, i)
+                totals[r, i] = time.perf_counter_ns() - started
+                for stage, us in result.timings_us.items():
+                    stages[r].setdefault(stage, []).append(int(us))
+                # "stage.part" names time inside a stage: the remainder is over the stages alone
+                top = sum(us for stage, us in result.timings_us.items() if "." not in stage)
+                other[r].append(totals[r, i] // 1000 - top)
+                routes[r][result.decision.route] += 1
+                for placed in result.assembly.placed:
+                    pieces[r][placed.piece.kind] += 1
+                    synthetic[r] += placed.piece.source.startswith("products:synthetic/")
     finally:
         gc.unfreeze()
-    total = percentiles_us(totals)
-    top = [stage for stage in stages if "." not in stage]  # each stage, then its parts
+    out = []
+    for r in range(len(runs)):
+        top = [stage for stage in stages[r] if "." not in stage]  # each stage, then its parts
 
-    def place(stage: str) -> tuple[int, bool]:
-        parent = stage.split(".", 1)[0]
-        return (top.index(parent) if parent in top else len(top), "." in stage)
+        def place(stage: str, top: list[str] = top) -> tuple[int, bool]:
+            parent = stage.split(".", 1)[0]
+            return (top.index(parent) if parent in top else len(top), "." in stage)
 
-    stage_rows = [_percentiles(stage, stages[stage]) for stage in sorted(stages, key=place)]
-    stage_rows.append(_percentiles("other", other))
-    return {
-        "requests": STITCH_REQUESTS,
-        "warmup": STITCH_WARMUP,
-        "total": total,
-        "stages": stage_rows,
-        "routes": dict(routes.most_common()),
-        "pieces_per_request": {k: v / STITCH_REQUESTS for k, v in pieces.most_common()},
-        "synthetic_pieces_per_request": synthetic / STITCH_REQUESTS,
-    }
+        stage_rows = [_percentiles(st, stages[r][st]) for st in sorted(stages[r], key=place)]
+        stage_rows.append(_percentiles("other", other[r]))
+        out.append(
+            {
+                "requests": STITCH_REQUESTS,
+                "warmup": STITCH_WARMUP,
+                "total": percentiles_us(totals[r]),
+                "stages": stage_rows,
+                "routes": dict(routes[r].most_common()),
+                "pieces_per_request": {k: v / STITCH_REQUESTS for k, v in pieces[r].most_common()},
+                "synthetic_pieces_per_request": synthetic[r] / STITCH_REQUESTS,
+            }
+        )
+    return out
 
 
-async def _serve_in_process(loaded: Any) -> dict[str, Any]:
-    plexus = api.Plexus(loaded)  # what the server serves, in process
+async def _serve_in_process(loaded: Any, vectors_alone: Any) -> dict[str, Any]:
+    """The configuration as it is, and the same data searched by vectors alone, timed
+    together; the first one's timing, with the other's under ``vectors_alone``."""
+    servers = [api.Plexus(loaded), api.Plexus(vectors_alone)]  # what the server serves
     try:
-        await plexus.warm()
-        products = plexus.collections[common.TENANT].get("products")
+        for plexus in servers:
+            await plexus.warm()
+        products = servers[0].collections[common.TENANT].get("products")
         collection = {
             "index": products.index_kind,
             "size": products.size,
             "version": products.version,
             "build_seconds": products.meta.get("build_seconds"),
+            "lexical": products.meta.get("lexical"),
+            "hybrid": products.hybrid.model_dump() if products.hybrid_active else None,
         }
-        caller = plexus.keys.authenticate(common.api_key())
-        say(f"[stitch] timing {STITCH_REQUESTS} stitches one at a time ({products!r})")
-        timing = await _time_stitch(plexus, caller, "1432")
+        runs = [(plexus, plexus.keys.authenticate(common.api_key())) for plexus in servers]
+        say(
+            f"[stitch] timing {STITCH_REQUESTS} stitches one at a time ({products!r}), "
+            "hybrid and vectors alone taking turns"
+        )
+        timing, baseline = await _time_stitch(runs, "1432")
         timing["products"] = collection
+        timing["vectors_alone"] = {k: baseline[k] for k in ("total", "stages")}
         return timing
     finally:
-        await plexus.aclose()
-        for name in plexus.collections[common.TENANT].names():
-            plexus.collections[common.TENANT].get(name).close()
+        for plexus in servers:
+            await plexus.aclose()
+            for name in plexus.collections[common.TENANT].names():
+                plexus.collections[common.TENANT].get(name).close()
+
+
+def _vectors_alone(config: Path) -> Any:
+    """The workspace's configuration with every collection of the demo tenant searched by its
+    vectors alone (``hybrid.bm25_weight: 0``), beside it."""
+    raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+    for settings in raw["tenants"][common.TENANT].get("collections", {}).values():
+        settings["hybrid"] = {**(settings.get("hybrid") or {}), "bm25_weight": 0.0}
+    copy = config.with_name("plexus-vectors-alone.yaml")
+    copy.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return api.load_config(copy)
 
 
 def run(chunks: int, seed: int) -> dict[str, Any]:
@@ -218,7 +249,7 @@ def run(chunks: int, seed: int) -> dict[str, Any]:
         say("[stitch] the retail demo: model, SQL mirror, policies and the real product notes")
         space = common.workspace(DEMO_CONFIG, Path(tmp), data=True)
         filled = fill_products(space.loaded, chunks, seed)
-        timing = asyncio.run(_serve_in_process(space.loaded))
+        timing = asyncio.run(_serve_in_process(space.loaded, _vectors_alone(space.config)))
     model = space.models[common.TENANT]
     return {
         "run": True,
@@ -235,22 +266,46 @@ def markdown(part: dict[str, Any]) -> str:
     if not part.get("run"):
         return f"Not run: {part['reason']}."
     p = part["products"]
+    hybrid = p.get("hybrid")
+    searched = (
+        f"hybrid ({hybrid['fusion']}, bm25_weight {hybrid['bm25_weight']})"
+        if hybrid
+        else "vectors alone"
+    )
+    alone = part.get("vectors_alone")
+    rows = [{**part["total"], "search": searched}]
+    if alone:
+        rows.append({**alone["total"], "search": "vectors alone (bm25_weight 0), same run"})
     summary = table(
-        [{**part["total"], "requests": part["requests"], "index": p["index"], "size": p["size"]}],
         [
+            {**row, "requests": part["requests"], "index": p["index"], "size": p["size"]}
+            for row in rows
+        ],
+        [
+            ("search", "search"),
             ("requests", "requests"),
             *[(f"{k.replace('_', '.')} µs", num(k)) for k in ("p50", "p99", "p99_9", "mean")],
             ("products index", "index"),
             ("chunks", num("size")),
         ],
     )
+    baseline = {row["stage"]: row for row in (alone or {}).get("stages", [])}
     stages = table(
-        part["stages"],
+        [
+            {
+                **row,
+                "alone_p50": baseline.get(row["stage"], {}).get("p50_us", float("nan")),
+                "alone_p99": baseline.get(row["stage"], {}).get("p99_us", float("nan")),
+            }
+            for row in part["stages"]
+        ],
         [
             ("stage", "stage"),
             ("requests with it", "calls"),
             ("p50 µs", num("p50_us")),
             ("p99 µs", num("p99_us")),
+            ("vectors alone p50 µs", num("alone_p50")),
+            ("vectors alone p99 µs", num("alone_p99")),
         ],
     )
     routes = ", ".join(f"{k} {v}" for k, v in part["routes"].items())
@@ -275,6 +330,12 @@ def markdown(part: dict[str, Any]) -> str:
             "`policy`, `stitch`) and, as `stage.part`, the time inside it (`stitch.encode` is "
             "measured around the micro-batcher, executor hand-off included; each source; "
             "`stitch.assemble`); `other` = whole call − the stages.",
+            "- Search: each collection source searches with the question's embedding and its "
+            "words (hybrid, the collections' defaults; the products BM25 index has "
+            f"{(p.get('lexical') or {}).get('terms', 0):,} terms, built in "
+            f"{(p.get('lexical') or {}).get('build_seconds', 0)} s of the commit). A second "
+            "`Plexus` over the same data searches by vectors alone (`bm25_weight: 0`); the "
+            "two take turns request by request, so the columns compare like with like.",
             "",
             summary,
             "",
