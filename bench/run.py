@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 SUITES = (
     "latency",
+    "peers",
     "decision",
     "accuracy",
     "retrieval",

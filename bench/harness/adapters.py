@@ -17,13 +17,17 @@ sees first into ``routes`` (the same dict for the whole client process).
 - ``orchestrate``: server-streaming ``/plexus.v1.Router/Orchestrate``, each stream read to its
   end, events told apart by their first byte;
 - ``direct``: the backend itself over HTTP/1.1, one keep-alive connection per stream, the
-  chunked server-sent-event body read to its end.
+  chunked server-sent-event body read to its end;
+- ``chat``: any OpenAI-compatible chat-completions server (Plexus's front door, a peer proxy)
+  over HTTP/1.1, one keep-alive connection per stream; a streamed reply (chunked or not) must
+  hold a content event and end in ``data: [DONE]``, a whole one must be a completion.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -200,7 +204,125 @@ async def direct(job: Job, routes: dict[int, str]) -> AsyncIterator[StreamFactor
     yield lambda: DirectStream(job)
 
 
-ADAPTERS: dict[str, Adapter] = {"route": route, "orchestrate": orchestrate, "direct": direct}
+# A streamed event whose delta carries some text (the role-only first event does not count).
+_CONTENT_EVENT = re.compile(rb'"content":\s*"(?!")')
+
+
+class ChatStream:
+    """Chat completions to an OpenAI-compatible server on one keep-alive connection.
+
+    The payloads are whole HTTP/1.1 requests (:func:`chat_request`). A reply framed by
+    ``Content-Length`` or by chunked transfer encoding is read to its end; ``first`` is the
+    first piece of the body holding a content event (streamed replies) and :attr:`last` keeps
+    what the last successful reply held: ``status``, ``headers``, ``body_bytes``, ``pieces``
+    (HTTP chunks, or 1), ``content_events`` and ``body``.
+    """
+
+    def __init__(self, job: Job, routes: dict[int, str]):
+        self.job, self.routes = job, routes
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.last: dict[str, Any] = {}
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+    async def _body(self, head: dict[str, str]) -> tuple[list[bytes], list[int]]:
+        """The body's pieces and the time each arrived."""
+        reader = self.reader
+        assert reader is not None
+        pieces, times = [], []
+        if "chunked" in head.get("transfer-encoding", "").lower():
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
+                if size == 0:
+                    while await reader.readuntil(b"\r\n") != b"\r\n":
+                        pass  # trailers, then the final CRLF
+                    return pieces, times
+                pieces.append((await reader.readexactly(size + 2))[:-2])
+                times.append(time.perf_counter_ns())
+        length = head.get("content-length")
+        if length is None:  # the body runs to the end of the connection
+            pieces.append(await reader.read())
+            head["connection"] = "close"
+        else:
+            pieces.append(await reader.readexactly(int(length)))
+        times.append(time.perf_counter_ns())
+        return pieces, times
+
+    async def run(self, index: int) -> Outcome:
+        first = 0
+        started = time.perf_counter_ns()
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                if self.writer is None:
+                    self.reader, self.writer = await asyncio.open_connection(
+                        self.job.host, self.job.port
+                    )
+                    started = time.perf_counter_ns()  # connecting is not part of a call
+                assert self.reader is not None
+                self.writer.write(self.job.payloads[index])
+                lines = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                status = lines[0][9:12]
+                head = {}
+                for line in lines[1:]:
+                    name, _, value = line.partition(":")
+                    if name:
+                        head[name.strip().lower()] = value.strip()
+                pieces, times = await self._body(head)
+                final = time.perf_counter_ns()
+        except (OSError, EOFError, ValueError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            await self.close()
+            return started, 0, 0, type(exc).__name__, str(exc)
+        if head.get("connection", "").lower() == "close":
+            await self.close()
+        body = b"".join(pieces)
+        if status != "200":
+            return started, 0, 0, f"HTTP {status}", body[:200].decode("utf-8", "replace")
+        if "x-plexus-route" in head and index not in self.routes:
+            self.routes[index] = head["x-plexus-route"]
+        events = 0
+        if "text/event-stream" in head.get("content-type", ""):
+            for piece, at in zip(pieces, times, strict=True):
+                found = len(_CONTENT_EVENT.findall(piece))
+                if found and not first:
+                    first = at
+                events += found
+            if b"data: [DONE]" not in body[-64:]:
+                return started, first, final, "no [DONE]", body[-200:].decode("utf-8", "replace")
+            at = body.find(b'data: {"error"')
+            if at >= 0:
+                return started, 0, 0, "error event", body[at : at + 200].decode("utf-8", "replace")
+            if not events:
+                return started, 0, 0, "no content", body[:200].decode("utf-8", "replace")
+        elif b'"choices"' not in body:
+            return started, 0, 0, "not a completion", body[:200].decode("utf-8", "replace")
+        self.last = {
+            "status": int(status),
+            "headers": head,
+            "body_bytes": len(body),
+            "pieces": len(pieces),
+            "content_events": events,
+            "body": body,
+        }
+        return started, first, final, None, ""
+
+
+@contextlib.asynccontextmanager
+async def chat(job: Job, routes: dict[int, str]) -> AsyncIterator[StreamFactory]:
+    yield lambda: ChatStream(job, routes)
+
+
+ADAPTERS: dict[str, Adapter] = {
+    "route": route,
+    "orchestrate": orchestrate,
+    "direct": direct,
+    "chat": chat,
+}
 
 
 # ----------------------------------------------------------------------------- payloads
@@ -223,4 +345,17 @@ def chat_post(port: int, body: bytes) -> bytes:
         b"Accept: application/json, text/event-stream\r\n"
         b"Content-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n" % (port, len(body))
+    ) + body
+
+
+def chat_request(port: int, body: bytes, api_key: str | None = None) -> bytes:
+    """A whole HTTP/1.1 chat-completions request for ``body``, with a bearer token when given."""
+    auth = b"Authorization: Bearer %s\r\n" % api_key.encode() if api_key else b""
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\n"
+        b"Host: 127.0.0.1:%d\r\n"
+        b"Accept: application/json, text/event-stream\r\n"
+        b"Content-Type: application/json\r\n"
+        b"%s"
+        b"Content-Length: %d\r\n\r\n" % (port, auth, len(body))
     ) + body

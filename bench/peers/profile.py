@@ -1,0 +1,219 @@
+"""Sampling profiles of a server under load with py-spy, and the top of each.
+
+:func:`start` runs ``py-spy record --format raw --native`` (collapsed stacks: one line per
+distinct stack, ``frame;frame;...;leaf COUNT``, outermost first, each frame ``function
+(file:line)`` or ``function (library)``) against a server while the benchmark client drives it.
+:func:`parse_collapsed` reads such a file; py-spy keeps every thread's samples when it walks
+native frames, so a sample whose innermost named frame is a blocking wait (``epoll_wait``, a
+lock or condition wait, ``poll``...) counts as idle and the shares are of the busy samples:
+
+- ``own``: samples with the function innermost (where the CPU was);
+- ``total``: samples with the function anywhere on the stack, counted once per sample;
+- :func:`areas`: the busy samples by where their innermost frame lives (Plexus's own Python,
+  gRPC, aiohttp, asyncio, the C library's system calls, the CPython interpreter, other).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.report import say
+
+RATE_HZ = 100
+EVERYWHERE = 0.9
+# "function (path/to/file.py:123)": the name, and the place without its line number.
+_FRAME = re.compile(r"^(?P<name>.*?) \((?P<where>[^()]*?)(?::\d+)?\)$")
+WAITS = frozenset(
+    {
+        "epoll_wait",
+        "epoll_pwait",
+        "poll",
+        "ppoll",
+        "select",
+        "pselect",
+        "nanosleep",
+        "clock_nanosleep",
+        "PyThread_acquire_lock_timed",
+        "pthread_cond_wait",
+        "pthread_cond_timedwait",
+        "pthread_cond_clockwait",
+        "sem_wait",
+        "sem_timedwait",
+        "sem_clockwait",
+        "__futex_abstimed_wait_common",
+        "futex_wait",
+        "syscall",  # gRPC's and CPython's futex waits go through syscall(SYS_futex)
+    }
+)
+AREAS = (
+    ("Plexus (router/)", lambda w: w.startswith("router/")),
+    ("gRPC (Python and C core)", lambda w: w.startswith("grpc/") or "cygrpc" in w),
+    ("aiohttp", lambda w: w.startswith("aiohttp/") or w in ("_http_parser.c", "llhttp.c")),
+    ("asyncio", lambda w: w.startswith("asyncio/") or w == "_asynciomodule.c"),
+    ("C library (system calls)", lambda w: w.startswith("libc.so")),
+    ("CPython (interpreter and C modules)", lambda w: "libpython" in w or w.endswith((".c", ".h"))),
+    ("other Python", lambda w: w.endswith(".py") or w.startswith("<")),
+)
+
+
+@dataclass(frozen=True)
+class Frame:
+    name: str  # the function, or "[library]" for an address without a symbol
+    where: str  # the file (as py-spy shows it, without the line) or the library
+
+    @property
+    def label(self) -> str:
+        """The function and the file's last part (or the library)."""
+        if self.name.startswith("["):
+            return self.name
+        short = self.where.rsplit("/", 1)[-1]
+        return f"{self.name} ({short})" if short else self.name
+
+
+@dataclass
+class Stack:
+    frames: list[Frame]  # outermost first
+    samples: int
+    idle: bool
+
+
+@dataclass
+class Top:
+    """One function's share of a profile's busy samples."""
+
+    function: str
+    own: float
+    total: float
+
+
+def parse_frame(text: str) -> Frame:
+    match = _FRAME.match(text.strip())
+    if match is None:
+        return Frame(text.strip(), "")
+    name, where = match["name"], match["where"]
+    if re.fullmatch(r"0x[0-9a-fA-F]+", name):
+        name = f"[{where.rsplit('/', 1)[-1] or 'unknown'}]"
+    return Frame(name, where)
+
+
+def is_idle(frames: list[Frame]) -> bool:
+    """Whether the innermost frame with a name is a blocking wait."""
+    for frame in reversed(frames):
+        if not frame.name.startswith("["):
+            return frame.name in WAITS
+    return False
+
+
+def parse_collapsed(lines: Iterable[str]) -> list[Stack]:
+    """The stacks of a collapsed-stack file; lines that are not ``STACK COUNT`` are skipped."""
+    out = []
+    for line in lines:
+        stack, _, count = line.rstrip("\n").rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [parse_frame(f) for f in stack.split(";") if f]
+        if frames:
+            out.append(Stack(frames, int(count), is_idle(frames)))
+    return out
+
+
+def busy_samples(stacks: list[Stack]) -> int:
+    return sum(s.samples for s in stacks if not s.idle)
+
+
+def top(stacks: list[Stack], count: int = 15, by: str = "own") -> list[Top]:
+    """The ``count`` functions with the most ``by`` ("own" or "total") busy samples; ranked by
+    total, frames without a symbol and frames on over 90% of the busy stacks are left out."""
+    busy = busy_samples(stacks)
+    if not busy:
+        return []
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for stack in stacks:
+        if stack.idle:
+            continue
+        leaf = stack.frames[-1].label
+        own[leaf] = own.get(leaf, 0) + stack.samples
+        for label in {f.label for f in stack.frames}:
+            total[label] = total.get(label, 0) + stack.samples
+    ranking = own if by == "own" else total
+    names = sorted(total, key=lambda n: (-ranking.get(n, 0), n))
+    if by == "total":  # not the frames nearly every sample passes through (thread starts, main)
+        names = [n for n in names if not n.startswith("[") and total[n] <= EVERYWHERE * busy]
+    names = names[:count]
+    return [Top(n, own.get(n, 0) / busy, total[n] / busy) for n in names]
+
+
+def area_of(frame: Frame) -> str:
+    for area, matches in AREAS:
+        if matches(frame.where):
+            return area
+    return "other native code"
+
+
+def areas(stacks: list[Stack]) -> dict[str, float]:
+    """Busy samples by the area of their innermost frame, as shares, largest first."""
+    busy = busy_samples(stacks)
+    found: dict[str, int] = {}
+    for stack in stacks:
+        if not stack.idle:
+            area = area_of(stack.frames[-1])
+            found[area] = found.get(area, 0) + stack.samples
+    ranked = sorted(found.items(), key=lambda item: -item[1])
+    return {area: n / busy for area, n in ranked} if busy else {}
+
+
+# ----------------------------------------------------------------------------- recording
+
+
+def command(
+    py_spy: Path, pid: int, seconds: float, out: Path, native: bool, children: bool
+) -> list[str]:
+    """The py-spy command line that samples ``pid`` for ``seconds`` into ``out``."""
+    args = [str(py_spy), "record", "--pid", str(pid), "--rate", str(RATE_HZ)]
+    args += ["--duration", str(max(1, round(seconds))), "--format", "raw", "-o", str(out)]
+    if native:
+        args.append("--native")
+    if children:
+        args.append("--subprocesses")
+    return args
+
+
+class Recording:
+    """A running ``py-spy record``; :meth:`wait` returns once it has written its file."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.args = args
+        self.log = log
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        time.sleep(1.0)  # attaching takes a moment; the load starts after it
+        if self.process.poll() is not None:
+            raise RuntimeError(
+                f"py-spy exited at once ({self.process.returncode}): {log.read_text()[-400:]}"
+            )
+
+    def wait(self, timeout: float) -> None:
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        if self.process.returncode:
+            raise RuntimeError(f"py-spy failed ({self.process.returncode}): "
+                               f"{self.log.read_text()[-400:]}")  # fmt: skip
+
+
+def start(py_spy: Path, pid: int, seconds: float, out: Path, children: bool) -> Recording:
+    """py-spy on ``pid`` with native frames (C extensions, system calls), else without."""
+    log = out.with_suffix(".log")
+    try:
+        return Recording(command(py_spy, pid, seconds, out, True, children), log)
+    except RuntimeError as exc:
+        say(f"py-spy --native failed ({exc}); sampling Python frames only")
+        return Recording(command(py_spy, pid, seconds, out, False, children), log)
