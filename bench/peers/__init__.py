@@ -423,7 +423,7 @@ def run_profiles(
                 "collapsed_file": collapsed.name,
                 "areas": profile.areas(stacks),
                 "top_own": [vars(r) for r in profile.top(stacks, 15, "own")],
-                "top_total": [vars(r) for r in profile.top(stacks, 15, "total")],
+                "top_plexus": [vars(r) for r in profile.top(stacks, 15, "plexus")],
             }
         )
     return results

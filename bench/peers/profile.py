@@ -25,7 +25,6 @@ from pathlib import Path
 from bench.report import say
 
 RATE_HZ = 100
-EVERYWHERE = 0.9
 # "function (path/to/file.py:123)": the name, and the place without its line number.
 _FRAME = re.compile(r"^(?P<name>.*?) \((?P<where>[^()]*?)(?::\d+)?\)$")
 WAITS = frozenset(
@@ -48,6 +47,8 @@ WAITS = frozenset(
         "__futex_abstimed_wait_common",
         "futex_wait",
         "syscall",  # gRPC's and CPython's futex waits go through syscall(SYS_futex)
+        "fdatasync",  # a thread waiting on the disk (the audit trail's commits), not on a core
+        "fsync",
     }
 )
 AREAS = (
@@ -65,6 +66,7 @@ AREAS = (
 class Frame:
     name: str  # the function, or "[library]" for an address without a symbol
     where: str  # the file (as py-spy shows it, without the line) or the library
+    line: int = 0
 
     @property
     def label(self) -> str:
@@ -84,11 +86,14 @@ class Stack:
 
 @dataclass
 class Top:
-    """One function's share of a profile's busy samples."""
+    """One function's share of a profile's busy samples, and for its own samples the innermost
+    Plexus frame (``file:line``) most of them were under, with that frame's share of them."""
 
     function: str
     own: float
     total: float
+    plexus_frame: str = ""
+    plexus_frame_share: float = 0.0
 
 
 def parse_frame(text: str) -> Frame:
@@ -96,9 +101,24 @@ def parse_frame(text: str) -> Frame:
     if match is None:
         return Frame(text.strip(), "")
     name, where = match["name"], match["where"]
+    line = re.search(r":(\d+)\)$", text.strip())
     if re.fullmatch(r"0x[0-9a-fA-F]+", name):
         name = f"[{where.rsplit('/', 1)[-1] or 'unknown'}]"
-    return Frame(name, where)
+    return Frame(name, where, int(line[1]) if line else 0)
+
+
+def is_plexus(frame: Frame) -> bool:
+    """A frame of Plexus's own code, other than the command line that starts the event loop
+    (every callback the loop runs sits under it)."""
+    return frame.where.startswith("router/") and frame.where != "router/cli.py"
+
+
+def plexus_frame(frames: list[Frame]) -> str:
+    """The innermost frame in Plexus's own code, as ``path:line (function)``; "" if none."""
+    for frame in reversed(frames):
+        if is_plexus(frame):
+            return f"{frame.where}:{frame.line} ({frame.name})"
+    return ""
 
 
 def is_idle(frames: list[Frame]) -> bool:
@@ -127,26 +147,39 @@ def busy_samples(stacks: list[Stack]) -> int:
 
 
 def top(stacks: list[Stack], count: int = 15, by: str = "own") -> list[Top]:
-    """The ``count`` functions with the most ``by`` ("own" or "total") busy samples; ranked by
-    total, frames without a symbol and frames on over 90% of the busy stacks are left out."""
+    """The ``count`` functions with the most ``by`` busy samples: "own" (any function) or
+    "plexus" (Plexus's own functions, by total)."""
     busy = busy_samples(stacks)
     if not busy:
         return []
     own: dict[str, int] = {}
     total: dict[str, int] = {}
+    under: dict[str, dict[str, int]] = {}
+    plexus: set[str] = set()
     for stack in stacks:
         if stack.idle:
             continue
         leaf = stack.frames[-1].label
         own[leaf] = own.get(leaf, 0) + stack.samples
+        caller = under.setdefault(leaf, {})
+        frame = plexus_frame(stack.frames)
+        caller[frame] = caller.get(frame, 0) + stack.samples
+        plexus.update(f.label for f in stack.frames if is_plexus(f))
         for label in {f.label for f in stack.frames}:
             total[label] = total.get(label, 0) + stack.samples
-    ranking = own if by == "own" else total
-    names = sorted(total, key=lambda n: (-ranking.get(n, 0), n))
-    if by == "total":  # not the frames nearly every sample passes through (thread starts, main)
-        names = [n for n in names if not n.startswith("[") and total[n] <= EVERYWHERE * busy]
-    names = names[:count]
-    return [Top(n, own.get(n, 0) / busy, total[n] / busy) for n in names]
+    if by == "own":
+        names = sorted(own, key=lambda n: (-own[n], n))[:count]
+    else:
+        names = sorted(plexus, key=lambda n: (-total[n], n))[:count]
+    out = []
+    for name in names:
+        row = Top(name, own.get(name, 0) / busy, total[name] / busy)
+        callers = under.get(name, {})
+        if callers:
+            frame, n = max(callers.items(), key=lambda item: (item[1], item[0]))
+            row.plexus_frame, row.plexus_frame_share = frame, n / own[name]
+        out.append(row)
+    return out
 
 
 def area_of(frame: Frame) -> str:

@@ -170,6 +170,13 @@ def _calibration(report: Mapping[str, Any]) -> str:
     )
 
 
+def _under(row: Mapping[str, Any]) -> str:
+    frame = row.get("plexus_frame")
+    if not frame:
+        return "none"
+    return f"`{frame}` ({100 * row['plexus_frame_share']:.0f}%)"
+
+
 def _profile(p: Mapping[str, Any]) -> str:
     if "skipped" in p:
         return p["skipped"]
@@ -193,12 +200,13 @@ def _profile(p: Mapping[str, Any]) -> str:
             ("function (most own samples)", "function"),
             ("% own", lambda r: f"{100 * r['own']:.1f}"),
             ("% total", lambda r: f"{100 * r['total']:.1f}"),
+            ("under Plexus frame (share of its own samples)", _under),
         ],
     )
     total = table(
-        p["top_total"],
+        p["top_plexus"],
         [
-            ("function (most total samples)", "function"),
+            ("Plexus function (most total samples)", "function"),
             ("% own", lambda r: f"{100 * r['own']:.1f}"),
             ("% total", lambda r: f"{100 * r['total']:.1f}"),
         ],
