@@ -25,7 +25,7 @@ from router.config import PolicyRuleConfig
 ANY_VALUE = "*"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PolicyFacts:
     """What a rule can look at: the caller, the request's metadata, the decision, the findings."""
 

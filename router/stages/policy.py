@@ -21,6 +21,8 @@ from router.pipeline import Finding, GenerationLimits, RequestState
 from router.policy.limits import Limits
 from router.policy.rules import CompiledPolicy, PolicyFacts, PolicyOutcome
 
+NO_FINDINGS: frozenset[str] = frozenset()
+
 
 def policy_facts(state: RequestState) -> PolicyFacts:
     """What the rules see of a request that has been routed."""
@@ -37,7 +39,7 @@ def policy_facts(state: RequestState) -> PolicyFacts:
         route=decision.route,
         confidence=decision.confidence,
         abstained=decision.abstained,
-        findings=frozenset(f.kind for f in state.findings),
+        findings=frozenset([f.kind for f in state.findings]) if state.findings else NO_FINDINGS,
     )
 
 
