@@ -225,12 +225,28 @@ def test_min_score_and_tags_still_hold_in_hybrid_search(tmp_path: Path) -> None:
     cos = unit(vectors) @ query
     text = "QX7781 blender warranty"
     floor = float(cos[2]) + 1e-3  # the BM25 favourite's cosine is below the floor
+    searches = []
+    real_search = collection.search
+
+    def counted(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        searches.append(k)
+        return real_search(vectors, k)
+
+    collection.search = counted  # type: ignore[method-assign]  # the real search, counted
     hits = collection.search_hits(query, 6, min_score=floor, text=text)
     assert hits and 2 not in [h.chunk.chunk_id for h in hits]
     assert all(cos[h.chunk.chunk_id] >= floor - 1e-6 for h in hits)
+    searches.clear()
+    # five chunks hold one of these words, more than the pool's two; one passes the floor
+    alone = collection.search_hits(query, 2, min_score=0.999, text="the and a in")
+    assert [h.chunk.chunk_id for h in alone] == [0]
+    assert searches == [2]  # fewer than k passed, and without tags that is the answer
     tagged = collection.search_hits(query, 2, tags=["b"], text="returns thirty days")
     assert len(tagged) == 2 and all("b" in h.chunk.tags for h in tagged)
     assert tagged[0].chunk.position == 1
+    searches.clear()
+    rare = collection.search_hits(query, 2, min_score=-1.0, tags=["c"], text="returns")
+    assert rare == [] and searches[-1] == collection.size  # a tag filter looks all the way
 
 
 def test_a_collection_from_before_the_lexical_index_serves_and_reingest_adds_it(

@@ -937,8 +937,11 @@ class Collection:
                 for i, score in ranked
                 if i in cache and required.issubset(cache[i].tags)
             ]
+            # only a tag filter is a reason to look deeper: without one, the pool is the answer
             dense_exhausted = len(dense) < fetch or any(cosines[i] < min_score for i in dense)
-            exhausted = fetch >= self.size or (dense_exhausted and len(matching) <= fetch)
+            exhausted = (
+                not required or fetch >= self.size or (dense_exhausted and len(matching) <= fetch)
+            )
             if len(hits) >= k or exhausted:
                 return hits[:k]
             fetch = min(self.size, fetch * 4)
