@@ -21,6 +21,7 @@ SUITES = (
     "governance",
     "policy",
     "audit",
+    "observe",
 )
 
 

@@ -85,7 +85,11 @@ class TracingConfig(_Strict):
         "OTEL_EXPORTER_OTLP_ENDPOINT, else localhost:4317)",
     )
     sample_ratio: float = Field(
-        1.0, ge=0, le=1, description="share of traces started here that are kept"
+        0.1,
+        ge=0,
+        le=1,
+        description="share of the traces started here that are kept (a caller's sampled flag "
+        "decides for its own); every kept trace costs its OTLP encoding",
     )
     service_name: str = Field("plexus", min_length=1, max_length=128)
 

@@ -99,25 +99,41 @@ class Family:
 
 
 class Counter(Family):
+    """Each series is a one-element list (a cell), so a hot path can keep it and add to it."""
+
     kind = "counter"
 
-    def inc(self, key: tuple[str, ...], amount: float = 1.0) -> None:
-        series = self.series
-        if key in series:
-            series[key] += amount
-        else:
+    def cell(self, key: tuple[str, ...]) -> list[float]:
+        """The series of ``key`` (made when new; the overflow series past the cap)."""
+        found = self.series.get(key)
+        if found is None:
             key = self._key(key)
-            series[key] = series.get(key, 0.0) + amount
+            found = self.series.get(key)
+            if found is None:
+                found = self.series[key] = [0.0]
+        return found
+
+    def inc(self, key: tuple[str, ...], amount: float = 1.0) -> None:
+        found = self.series.get(key)
+        if found is None:
+            found = self.cell(key)
+        found[0] += amount
 
     def value(self, **labels: str) -> float:
         """The sum over the series whose labels have the given values."""
         wanted = [(self.labels.index(k), v) for k, v in labels.items()]
-        return sum(n for key, n in list(self.series.items()) if all(key[i] == v for i, v in wanted))
+        return sum(
+            n[0] for key, n in list(self.series.items()) if all(key[i] == v for i, v in wanted)
+        )
+
+    def values(self) -> dict[tuple[str, ...], float]:
+        """Every series' value, by label values."""
+        return {key: cell[0] for key, cell in list(self.series.items())}
 
     def family(self) -> Metric:
         metric = CounterMetricFamily(self.name, self.doc, labels=self.labels)
-        for key, value in list(self.series.items()):
-            metric.add_metric(key, value)
+        for key, cell in list(self.series.items()):
+            metric.add_metric(key, cell[0])
         return metric
 
 
@@ -138,13 +154,20 @@ class Histogram(Family):
         self.bounds = tuple(bounds)
         self._les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
 
+    def row(self, key: tuple[str, ...]) -> list[Any]:
+        """The series of ``key`` (made when new; the overflow series past the cap)."""
+        found = self.series.get(key)
+        if found is None:
+            key = self._key(key)
+            found = self.series.get(key)
+            if found is None:
+                found = self.series[key] = [0] * (len(self.bounds) + 1) + [0.0]
+        return found
+
     def observe(self, key: tuple[str, ...], value: float) -> None:
         row = self.series.get(key)
         if row is None:
-            key = self._key(key)
-            row = self.series.get(key)
-            if row is None:
-                row = self.series[key] = [0] * (len(self.bounds) + 1) + [0.0]
+            row = self.row(key)
         row[bisect_left(self.bounds, value)] += 1  # the first bucket whose bound is >= value
         row[-1] += value
 
@@ -167,6 +190,19 @@ class Histogram(Family):
                 buckets.append((le, cumulated))
             metric.add_metric(key, buckets, row[-1])
         return metric
+
+
+@dataclass(slots=True)
+class _Slot:
+    """The series one kind of request adds to (same tenant, app, RPC, route, outcome, model
+    version and abstention), found with one lookup."""
+
+    requests: list[float]
+    duration: list[Any]
+    decisions: list[float] | None
+    confidence: list[Any] | None
+    stages: dict[str, list[Any]]
+    """This tenant's stage rows, shared by its slots."""
 
 
 def quantile(bounds: Sequence[float], counts: Sequence[float], q: float) -> float | None:
@@ -240,6 +276,9 @@ class Metrics:
         self.record_errors = 0
         self.activity: dict[str, Activity] = {name: Activity() for name in self.apps}
         self._order: tuple[str, ...] | None = None
+        self.max_series = max_series
+        self._slots: dict[tuple[Any, ...], _Slot] = {}
+        self._stage_rows: dict[str, dict[str, list[Any]]] = {}
         self.version = _plexus_version()
 
         def counter(name: str, doc: str, *labels: str) -> Counter:
@@ -358,40 +397,74 @@ class Metrics:
             if self.record_errors <= 10:
                 log.exception("counting a request's metrics failed")
 
+    def _slot(self, key: tuple[Any, ...]) -> _Slot:
+        tenant, app, rpc, route, outcome, version, abstained = key
+        stages = self._stage_rows.setdefault(tenant, {})
+        slot = _Slot(
+            self.requests.cell((tenant, app, rpc, route, outcome)),
+            self.duration.row((tenant, app, rpc)),
+            None
+            if version is None
+            else self.decisions.cell(
+                (tenant, app, route, version, "true" if abstained else "false")
+            ),
+            None if version is None else self.confidence.row((tenant, version)),
+            stages,
+        )
+        if len(self._slots) < 4 * self.max_series:
+            self._slots[key] = slot
+        return slot
+
     def observe(self, state: RequestState, end_ns: int) -> None:
         """Count everything the finished request ``state`` teaches, as ended at ``end_ns``."""
         tenant = state.caller.tenant
         app = state.query.app
         if app not in self.apps.get(tenant, ()):
             app = OTHER
-        rpc = state.rpc
         outcome = state.outcome
         decision = state.decision
-        route = decision.route if decision is not None else ""
-        self.requests.inc((tenant, app, rpc, route, outcome))
-        self.duration.observe((tenant, app, rpc), max(end_ns - state.started_ns, 0) / 1e9)
-        stages = self.stages
+        if decision is not None:
+            route, version = decision.route, decision.model_version
+            key = (tenant, app, state.rpc, route, outcome, version, decision.abstained)
+        else:
+            key = (tenant, app, state.rpc, "", outcome, None, False)
+        slot = self._slots.get(key) or self._slot(key)
+        slot.requests[0] += 1
+        row = slot.duration
+        value = (end_ns - state.started_ns) / 1e9
+        if value < 0.0:  # the wall clock stepped back
+            value = 0.0
+        row[bisect_left(LATENCY_BUCKETS, value)] += 1
+        row[-1] += value
+        rows = slot.stages
         for stage, micros in state.timings_us.items():
-            stages.observe((tenant, stage), micros / 1e6)
+            row = rows.get(stage)
+            if row is None:
+                row = rows[stage] = self.stages.row((tenant, stage))
+            value = micros / 1e6
+            row[bisect_left(LATENCY_BUCKETS, value)] += 1
+            row[-1] += value
+        if slot.decisions is not None and decision is not None:
+            slot.decisions[0] += 1
+            value = decision.confidence
+            if 0.0 <= value <= 1.0:  # (NaN is neither)
+                row = slot.confidence  # type: ignore[assignment]
+                row[bisect_left(CONFIDENCE_BUCKETS, value)] += 1
+                row[-1] += value
         failed = outcome != "OK"
-        stage = ""
-        if failed:
-            stage = stopped_stage(state, self._stage_order())
-            self.refusals.inc((tenant, app, rpc, stage or "record", outcome))
         activity = self.activity.get(tenant)
         if activity is not None:
             activity.add(end_ns, failed)
-        if decision is not None:
-            version = decision.model_version
-            abstained = "true" if decision.abstained else "false"
-            self.decisions.inc((tenant, app, route, version, abstained))
-            confidence = float(decision.confidence)
-            if math.isfinite(confidence):
-                self.confidence.observe((tenant, version), confidence)
-        for finding in state.findings:
-            self.findings.inc((tenant, finding.stage, finding.kind, finding.action or "none"))
-        for rule in state.rules_applied:
-            self.rules.inc((tenant, rule))
+        if state.findings:
+            for finding in state.findings:
+                self.findings.inc((tenant, finding.stage, finding.kind, finding.action or "none"))
+        if state.rules_applied:
+            for rule in state.rules_applied:
+                self.rules.inc((tenant, rule))
+        stage = ""
+        if failed:
+            stage = stopped_stage(state, self._stage_order())
+            self.refusals.inc((tenant, app, state.rpc, stage or "record", outcome))
         final = state.final
         if final is not None:
             backend = final.backend
@@ -408,8 +481,8 @@ class Metrics:
             backend = state.served_by or NONE
             self.answers.inc((tenant, backend, outcome))
         else:
-            backend = ""
-        if backend and state.first_token_ns:
+            return
+        if state.first_token_ns:
             seconds = max(state.first_token_ns - state.started_ns, 0) / 1e9
             self.first_token.observe((tenant, backend), seconds)
 
@@ -586,7 +659,7 @@ class Metrics:
         total = requests.value(tenant=tenant)
         errors = total - requests.value(tenant=tenant, outcome="OK")
         routes: dict[str, float] = {}
-        for key, n in list(self.decisions.series.items()):
+        for key, n in self.decisions.values().items():
             if key[0] == tenant:
                 routes[key[2]] = routes.get(key[2], 0.0) + n
         decided = self.decisions.value(tenant=tenant)
@@ -607,7 +680,7 @@ class Metrics:
                 }
             )
         spend: dict[str, float] = {}
-        for key, n in list(self.cost.series.items()):
+        for key, n in self.cost.values().items():
             if key[0] == tenant:
                 spend[key[1]] = spend.get(key[1], 0.0) + n
         tokens = {

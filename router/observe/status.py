@@ -45,7 +45,7 @@ section.tenant h2{margin:0 0 12px;font-size:16px}
 h3{font-size:13px;margin:8px 0;color:#3c4558}
 table{border-collapse:collapse;width:100%;font-size:13px}
 th,td{text-align:left;padding:3px 6px;border-bottom:1px solid #eef0f4}
-td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
+td.n,th.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .badge{display:inline-block;padding:0 6px;border-radius:4px;font-size:12px}
 .closed{background:#dff3e4;color:#17692e}.open{background:#fde2e1;color:#a2201a}
 .half_open{background:#fff1d6;color:#8a5a00}
@@ -162,8 +162,13 @@ def stage_chart(stages: Sequence[dict[str, Any]], width: int = 340) -> str:
             f'width="{x(stage["p50"]):.1f}" height="12" fill="#3654b5"/>'
         )
     ticks = "".join(
-        f'<text x="{label_width + x(t):.1f}" y="{len(shown) * row + 12}">{label}</text>'
-        for t, label in ((1e-5, "10µs"), (1e-3, "1ms"), (1e-1, "100ms"), (10.0, "10s"))
+        f'<text x="{label_width + x(t):.1f}" y="{len(shown) * row + 12}"{anchor}>{label}</text>'
+        for t, label, anchor in (
+            (1e-5, "10µs", ""),
+            (1e-3, "1ms", ' text-anchor="middle"'),
+            (1e-1, "100ms", ' text-anchor="middle"'),
+            (10.0, "10s", ' text-anchor="end"'),
+        )
     )
     return (
         f'<svg class="chart stages" width="{width}" height="{len(shown) * row + 16}" role="img" '
@@ -265,9 +270,9 @@ def tenant_section(
             escape(r.budget),
             escape(r.scope),
             escape(r.unit),
-            _num(r.used, 2),
-            _num(r.reserved, 2),
-            _num(r.limit, 2),
+            _num(r.used, 4 if r.unit == "cost" else 0),
+            _num(r.reserved, 4 if r.unit == "cost" else 0),
+            _num(r.limit, 2 if r.unit == "cost" else 0),
             _percent(r.used / r.limit if r.limit else None),
         ]
         for r in metrics.budgets.get(tenant, [])

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+    from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 
     from router.config import LoadedConfig
     from router.pipeline import Pipeline, RequestState
@@ -166,8 +166,9 @@ class Tracing:
         output_guards: Collection[str] = (),
     ):
         from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import Event, ReadableSpan
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-        from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
+        from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
         if not 0.0 <= sample_ratio <= 1.0:
             raise ValueError(f"sample_ratio must be within [0, 1], not {sample_ratio}")
@@ -183,6 +184,11 @@ class Tracing:
         self._ok = Status(StatusCode.UNSET)
         self._status = Status
         self._error = StatusCode.ERROR
+        self._span = ReadableSpan
+        self._context = SpanContext
+        self._event = Event
+        self._stage_attributes: dict[str, dict[str, Any]] = {}
+        """``{"plexus.stage": name}`` per stage, made once and shared by its spans."""
 
     @classmethod
     def from_config(cls, loaded: LoadedConfig) -> Tracing | None:
@@ -214,57 +220,62 @@ class Tracing:
 
     def spans(self, state: RequestState, end_ns: int) -> list[ReadableSpan]:
         """The request's span and its stages' spans, the request's first."""
-        from opentelemetry.sdk.trace import Event, ReadableSpan
-        from opentelemetry.trace import SpanContext
-
+        span_type, context_type, event_type = self._span, self._context, self._event
+        resource, scope, ok = self._resource, self._scope, self._ok
         trace = state.trace
         trace_id = int(trace.trace_id, 16)
         flags = self._sampled
         server, internal, client = self._kinds
         parent = (
-            SpanContext(trace_id, int(trace.parent_id, 16), True, flags)
+            context_type(trace_id, int(trace.parent_id, 16), True, flags)
             if trace.parent_id
             else None
         )
-        request = SpanContext(trace_id, trace.request_span(), False, flags)
+        request = context_type(trace_id, trace.request_span(), False, flags)
         start = state.started_ns
-        end_ns = max(end_ns, start)
+        if end_ns < start:
+            end_ns = start
         decision = state.decision
         final = state.final
         failed = state.outcome != "OK"
+        guards = self.output_guards
 
         # the stages, end to end from the start; finer entries attach to their stage
         stages: list[tuple[str, int, int]] = []  # name, start, end
-        details: dict[str, dict[str, int]] = {}
+        details: dict[str, dict[str, int]] | None = None
         cursor = start
         generate_start = 0
         for name, micros in state.timings_us.items():
-            stage, dot, detail = name.partition(".")
-            if dot:
+            if "." in name:
+                stage, _, detail = name.partition(".")
+                if details is None:
+                    details = {}
                 details.setdefault(stage, {})[detail] = micros
-            elif name in self.output_guards:
-                stages.append((name, cursor, cursor + micros * 1000))
             elif name == "generate":  # it began after the first events went out: as measured
                 generate_start = trace.generate_ns or cursor
-                stages.append((name, generate_start, generate_start + micros * 1000))
                 cursor = generate_start + micros * 1000
-            else:
+                stages.append((name, generate_start, cursor))
+            elif name in guards:
                 stages.append((name, cursor, cursor + micros * 1000))
+            else:
+                began = cursor
                 cursor += micros * 1000
+                stages.append((name, began, cursor))
         stopped = stopped_stage(state, self.stage_order) if failed else ""
         if stopped:  # the stage that stopped the request has no timing: it runs to the end
             if stopped == "generate":
                 cursor = generate_start = trace.generate_ns or cursor
             stages.append((stopped, cursor, end_ns))
 
+        query = state.query
         attributes: dict[str, Any] = {
             "rpc.method": state.rpc,
             "plexus.tenant": state.caller.tenant,
-            "plexus.app": state.query.app,
+            "plexus.app": query.app if len(query.app) <= 128 else query.app[:128],
             "plexus.outcome": state.outcome,
         }
-        if state.query.request_id:
-            attributes["plexus.request_id"] = state.query.request_id
+        if query.request_id:
+            attributes["plexus.request_id"] = query.request_id[:128]
         if decision is not None:
             attributes["plexus.route"] = decision.route
             attributes["plexus.model_version"] = decision.model_version
@@ -272,8 +283,9 @@ class Tracing:
             attributes["plexus.abstained"] = bool(decision.abstained)
         if state.rules_applied:
             attributes["plexus.rules_applied"] = list(state.rules_applied)
-        backend = final.backend if final is not None else ""
+        backend = ""
         if final is not None:
+            backend = final.backend
             attributes["plexus.backend"] = backend
             attributes["plexus.attempts"] = final.attempts
             attributes["plexus.fallbacks_tried"] = list(final.fallbacks_tried)
@@ -282,64 +294,77 @@ class Tracing:
             attributes["plexus.cost"] = _number(final.cost)
         elif state.chain:
             attributes["plexus.chain"] = list(state.chain)
-        error = self._status(self._error, state.outcome) if failed else self._ok
+        error = self._status(self._error, state.outcome) if failed else ok
 
-        findings: dict[str, list[Event]] = {}
+        findings: dict[str, list[tuple[str, str]]] = {}
         for finding in state.findings:
-            findings.setdefault(finding.stage, []).append(
-                Event(
-                    "finding",
-                    {"plexus.kind": finding.kind, "plexus.action": finding.action},
-                    timestamp=end_ns,
-                )
-            )
+            findings.setdefault(finding.stage, []).append((finding.kind, finding.action))
 
         spans = [
-            ReadableSpan(
+            span_type(
                 f"plexus.{state.rpc}",
-                context=request,
-                parent=parent,
-                resource=self._resource,
-                attributes=attributes,
-                kind=server,
-                status=error,
-                start_time=start,
-                end_time=end_ns,
-                instrumentation_scope=self._scope,
+                request,
+                parent,
+                resource,
+                attributes,
+                (),
+                (),
+                server,
+                None,
+                error,
+                start,
+                end_ns,
+                scope,
             )
         ]
+        shared = self._stage_attributes
         for name, began, ended in stages:
-            ended = min(ended, end_ns)
-            began = min(began, ended)
-            stage_attributes: dict[str, Any] = {"plexus.stage": name}
-            for detail, micros in details.get(name, {}).items():
-                stage_attributes[f"plexus.detail_us.{detail}"] = micros
+            if ended > end_ns:
+                ended = end_ns
+            if began > ended:
+                began = ended
+            stage_attributes = shared.get(name)
+            if stage_attributes is None:
+                stage_attributes = shared[name] = {"plexus.stage": name}
+            if details is not None and name in details:
+                stage_attributes = dict(stage_attributes)
+                for detail, micros in details[name].items():
+                    stage_attributes[f"plexus.detail_us.{detail}"] = micros
+            events: list[Event] = []
+            if name in findings:
+                events = [
+                    event_type("finding", {"plexus.kind": k, "plexus.action": a}, timestamp=ended)
+                    for k, a in findings[name]
+                ]
             kind = internal
-            events = [Event(e.name, e.attributes, timestamp=ended) for e in findings.get(name, ())]
             if name == "generate":
                 kind = client
                 span_id = trace.generate_span()
                 if backend:
-                    stage_attributes["plexus.backend"] = backend
+                    stage_attributes = {**stage_attributes, "plexus.backend": backend}
                 if state.first_token_ns:
-                    events.append(Event("first_token", timestamp=state.first_token_ns))
+                    events.append(event_type("first_token", timestamp=state.first_token_ns))
             else:
-                span_id = _span_id()
-            if name in self.output_guards and generate_start:
-                began, ended = generate_start, min(generate_start + (ended - began), end_ns)
+                span_id = _ids.getrandbits(64) or 1
+                if generate_start and name in guards:
+                    began, ended = generate_start, generate_start + (ended - began)
+                    if ended > end_ns:
+                        ended = end_ns
             spans.append(
-                ReadableSpan(
+                span_type(
                     name,
-                    context=SpanContext(trace_id, span_id, False, flags),
-                    parent=request,
-                    resource=self._resource,
-                    attributes=stage_attributes,
-                    events=events,
-                    kind=kind,
-                    status=error if name == stopped else self._ok,
-                    start_time=began,
-                    end_time=ended,
-                    instrumentation_scope=self._scope,
+                    context_type(trace_id, span_id, False, flags),
+                    request,
+                    resource,
+                    stage_attributes,
+                    events,
+                    (),
+                    kind,
+                    None,
+                    error if name == stopped else ok,
+                    began,
+                    ended,
+                    scope,
                 )
             )
         return spans

@@ -1,0 +1,485 @@
+"""What metrics and tracing cost: Route and Orchestrate throughput with them on against off.
+
+Four variants on the same trained workspace (audit off, local backends): neither metrics nor
+tracing (the baseline); metrics; metrics and traces of 10% of the requests (the default
+``server.tracing.sample_ratio``); metrics and traces of every request.
+
+Over gRPC: one ``plexus`` server process per variant, metrics on ``server.metrics_address``
+(not scraped during the run), spans exported over OTLP/gRPC to a collector in the benchmark
+process that counts them, driven by the shared client processes, alternating ABBA; reported
+per RPC and server: calls per second, p50 / p99, server CPU time per call, and what each loses
+against the baseline (goal: at most 5%).
+
+In process: one ``Plexus`` per variant, spans through the SDK's batch processor into an
+exporter that only counts them (so without the OTLP encoding); Route at concurrency 16 and
+Orchestrate at 8 (tasks on one event loop, each calling one after another), the variants
+alternating over rounds. What a variant loses is the median, over rounds, of its loss against
+the baseline's round beside it (a burst of other work on the machine falls on one round).
+
+Also measured directly, one call at a time on a finished request's state: the metrics
+recorder's ``observe``, the spans built by the tracing recorder, the request-log line's
+fields, and one ``/metrics`` exposition after the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from bench import api, common, harness
+from bench.harness.adapters import orchestrate_payload, route_payload
+from bench.report import document, machine_facts, num, percentiles_us, publish, say, table
+
+HELP = "Route/Orchestrate throughput with metrics and tracing on vs off; recorder costs"
+ROUNDS = 6
+VARIANTS = ("off", "metrics", "metrics+traces 10%", "metrics+traces all")
+RATIOS = {"metrics+traces 10%": 0.1, "metrics+traces all": 1.0}
+"""The sample ratio of the variants that trace (10% is the default of ``server.tracing``)."""
+TEXT = "you charged my card twice for one order and I want my money back"
+ROUTE_TEXT = (
+    "hi, is the 65 inch samsung qled tv still in stock at store 1432 or should I order online"
+)
+CONCURRENCY = {"Route": 16, "Orchestrate": 8}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=common.DEMO_CONFIG)
+    parser.add_argument(
+        "--requests", type=common.positive, default=6000, help="Route calls per variant"
+    )
+    parser.add_argument(
+        "--orchestrate", type=common.positive, default=600, help="Orchestrate calls per variant"
+    )
+    parser.add_argument(
+        "--calls", type=common.positive, default=5000, help="direct recorder calls timed"
+    )
+    parser.add_argument(
+        "--grpc-requests", type=common.positive, default=4000, help="Route calls per server"
+    )
+    parser.add_argument(
+        "--grpc-orchestrate", type=common.positive, default=400, help="Orchestrate calls per server"
+    )
+    parser.add_argument("--processes", type=common.positive, default=2, help="client processes")
+    parser.add_argument("--skip-grpc", action="store_true", help="only the in-process rows")
+    common.add_out(parser)
+
+
+class _Collector:
+    """An OTLP/gRPC trace collector that counts the spans it receives."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import (
+            trace_service_pb2,
+            trace_service_pb2_grpc,
+        )
+
+        self.spans = 0
+        collector = self
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - the RPC's name
+                collector.spans += sum(
+                    len(scope.spans) for rs in request.resource_spans for scope in rs.scope_spans
+                )
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+
+def _server_config(space: Any, root: Path, name: str, collector_port: int) -> Path:
+    raw = yaml.safe_load(space.config.read_text(encoding="utf-8"))
+    for tenant in raw["tenants"].values():
+        tenant["audit"] = {"enabled": False}
+    server = raw["server"]
+    server.pop("metrics_address", None)
+    server.pop("tracing", None)
+    if name != "off":
+        server["metrics_address"] = "127.0.0.1:0"
+    if name in RATIOS:
+        server["tracing"] = {
+            "exporter": "otlp",
+            "endpoint": f"http://127.0.0.1:{collector_port}",
+            "sample_ratio": RATIOS[name],
+        }
+    path = root / f"plexus-{name.replace('+', '-').replace(' ', '-').replace('%', '')}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def grpc_rows(space: Any, root: Path, args: argparse.Namespace) -> tuple[list[dict], int]:
+    """Route and Orchestrate over gRPC against one server per variant; the rows and the spans the
+    collector received."""
+    collector = _Collector()
+    children: list[Any] = []
+    pool = None
+    rows: list[dict[str, Any]] = []
+    try:
+        servers = {
+            name: harness.Child(
+                name,
+                "bench.harness.serve",
+                "plexus",
+                str(_server_config(space, root, name, collector.port)),
+            )
+            for name in VARIANTS
+        }
+        children = list(servers.values())
+        pool = harness.ClientPool(args.processes)
+        for child in children:
+            child.ready()
+        key = common.api_key()
+        plans = (
+            ("Route", "route", [route_payload("storefront", ROUTE_TEXT, {})], args.grpc_requests),
+            (
+                "Orchestrate",
+                "orchestrate",
+                [orchestrate_payload("storefront", TEXT, {})],
+                args.grpc_orchestrate,
+            ),
+        )
+        for rpc, adapter, payloads, requests in plans:
+            level = CONCURRENCY[rpc]
+
+            def one(name: str, level: int, calls: int, adapter=adapter, payloads=payloads) -> Any:  # type: ignore[no-untyped-def]
+                child = servers[name]
+                return pool.run(  # type: ignore[union-attr]
+                    name,
+                    adapter,
+                    ("127.0.0.1", child.port),
+                    key,
+                    payloads,
+                    level,
+                    calls,
+                    watch={"server": child.pid},
+                )
+
+            for _, runs in harness.abba(VARIANTS, [level], requests, ROUNDS, one):
+                for name in VARIANTS:
+                    run = harness.combine(runs[name])
+                    stats = percentiles_us(run.latency)
+                    cpu = run.cpu_us_per_call("server")
+                    # round by round against the baseline's round next to it, then the median
+                    lost = _median_percent(
+                        [1 - r.rps / b.rps for r, b in zip(runs[name], runs["off"], strict=True)]
+                    )
+                    cpus = [
+                        (r.cpu_us_per_call("server"), b.cpu_us_per_call("server"))
+                        for r, b in zip(runs[name], runs["off"], strict=True)
+                    ]
+                    added = (
+                        _median_percent([c / o - 1 for c, o in cpus if c and o])
+                        if all(c and o for c, o in cpus)
+                        else None
+                    )
+                    rows.append(
+                        {
+                            "rpc": rpc,
+                            "variant": name,
+                            "concurrency": level,
+                            "calls": run.requests,
+                            "errors": run.failures,
+                            "calls_per_s": run.rps,
+                            "lost_percent": lost,
+                            "p50_us": stats["p50"],
+                            "p99_us": stats["p99"],
+                            "server_cpu_us": cpu,
+                            "cpu_added_percent": added,
+                        }
+                    )
+    finally:
+        if pool is not None:
+            pool.close()
+        harness.stop_all(children)
+        collector.stop()
+    return rows, collector.spans
+
+
+class _Counted:
+    """A span exporter that keeps nothing: it counts what it was handed."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+
+    def export(self, spans: Sequence[Any]) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        self.spans += len(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+class _Last:
+    """A recorder that keeps the last finished state of each RPC."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, Any] = {}
+
+    async def record(self, state: Any) -> None:
+        self.states[state.rpc] = state
+
+
+def _config(space: Any, root: Path) -> Any:
+    raw = yaml.safe_load(space.config.read_text(encoding="utf-8"))
+    for tenant in raw["tenants"].values():
+        tenant["audit"] = {"enabled": False}  # the audit trail's cost is its own suite's
+    path = root / "plexus-observe.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return api.load_config(path)
+
+
+async def _run(
+    plexus: Any, caller: Any, rpc: str, requests: int, level: int
+) -> tuple[np.ndarray, float]:
+    samples = np.empty(requests, dtype=np.int64)
+    counter = iter(range(requests))
+
+    async def task() -> None:
+        for i in counter:
+            started = time.perf_counter_ns()
+            if rpc == "Route":
+                query = api.RouteQuery("storefront", ROUTE_TEXT, request_id=f"bench-{i}")
+                await plexus.pipeline.route(caller, query)
+            else:
+                query = api.RouteQuery("storefront", TEXT, request_id=f"bench-{i}")
+                async for _ in plexus.pipeline.orchestrate(caller, query, max_tokens=32):
+                    pass
+            samples[i] = time.perf_counter_ns() - started
+
+    started = time.perf_counter()
+    await asyncio.gather(*(task() for _ in range(level)))
+    return samples, time.perf_counter() - started
+
+
+def _median_percent(shares: Sequence[float]) -> float:
+    return float(np.median(shares)) * 100 if shares else float("nan")
+
+
+def _timed(fn: Any, calls: int) -> dict[str, float]:
+    samples = np.empty(calls, dtype=np.int64)
+    clock = time.perf_counter_ns
+    for i in range(calls):
+        started = clock()
+        fn()
+        samples[i] = clock() - started
+    return percentiles_us(samples)
+
+
+async def _measure(loaded: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from router.observe.logs import request_fields
+    from router.observe.tracing import Tracing
+
+    exporter = _Counted()
+    last = _Last()
+    plexi = {
+        "off": api.Plexus(loaded, metrics=False),
+        "metrics": api.Plexus(loaded, metrics=True),
+        "metrics+traces 10%": api.Plexus(
+            loaded, metrics=True, tracing=Tracing(BatchSpanProcessor(exporter), sample_ratio=0.1)
+        ),
+        "metrics+traces all": api.Plexus(
+            loaded,
+            metrics=True,
+            tracing=Tracing(BatchSpanProcessor(exporter), sample_ratio=1.0),
+            recorders=[last],
+        ),
+    }
+    result: dict[str, Any] = {"throughput": []}
+    try:
+        caller = plexi["off"].keys.authenticate(common.api_key())
+        for plexus in plexi.values():
+            await plexus.warm()
+            await _run(plexus, caller, "Route", 300, 8)
+            await _run(plexus, caller, "Orchestrate", 40, 4)
+        for rpc, total in (("Route", args.requests), ("Orchestrate", args.orchestrate)):
+            level = CONCURRENCY[rpc]
+            per_round = max(total // ROUNDS, level)
+            samples: dict[str, list[np.ndarray]] = {name: [] for name in plexi}
+            took: dict[str, list[float]] = {name: [] for name in plexi}
+            for round_number in range(ROUNDS * 2):
+                order = list(plexi) if round_number % 2 == 0 else list(reversed(plexi))
+                for name in order:
+                    got, seconds = await _run(plexi[name], caller, rpc, per_round // 2, level)
+                    samples[name].append(got)
+                    took[name].append(seconds)
+            calls = (per_round // 2) * ROUNDS * 2
+            for name in plexi:
+                stats = percentiles_us(np.concatenate(samples[name]))
+                rate = calls / sum(took[name])
+                # round by round against the baseline's round next to it, then the median
+                lost = _median_percent(
+                    [1 - o / t for t, o in zip(took[name], took["off"], strict=True)]
+                )
+                result["throughput"].append(
+                    {
+                        "rpc": rpc,
+                        "variant": name,
+                        "concurrency": level,
+                        "calls": calls,
+                        "calls_per_s": rate,
+                        "lost_percent": lost,
+                        "p50_us": stats["p50"],
+                        "p99_us": stats["p99"],
+                    }
+                )
+                say(f"{rpc} {name}: {rate:,.0f} calls/s, p50 {stats['p50']:.0f} µs")
+        traced = plexi["metrics+traces all"]
+        metrics, tracing = traced.metrics, traced.tracing
+        direct = []
+        for rpc, state in sorted(last.states.items()):
+            spans = len(tracing.spans(state, time.time_ns()))
+            direct.append(
+                {
+                    "rpc": rpc,
+                    "part": "metrics observe",
+                    **_timed(lambda s=state: metrics.observe(s, time.time_ns()), args.calls),
+                }
+            )
+            direct.append(
+                {
+                    "rpc": rpc,
+                    "part": f"tracing: {spans} spans built",
+                    **_timed(lambda s=state: tracing.spans(s, time.time_ns()), args.calls),
+                }
+            )
+            direct.append(
+                {
+                    "rpc": rpc,
+                    "part": "request log fields",
+                    **_timed(lambda s=state: request_fields(s), args.calls),
+                }
+            )
+        result["direct"] = direct
+        started = time.perf_counter_ns()
+        body, _ = await metrics.exposition()
+        result["exposition"] = {
+            "ms": (time.perf_counter_ns() - started) / 1e6,
+            "bytes": len(body),
+            "series": sum(len(f.series) for f in metrics.families),
+        }
+        tracing.processor.force_flush()
+        result["spans_exported"] = exporter.spans
+    finally:
+        for plexus in plexi.values():
+            await plexus.aclose()
+    return result
+
+
+def run_suite(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="plexus-bench-observe-") as tmp:
+        root = Path(tmp)
+        say("training the demo's fast model and ingesting its knowledge")
+        space = common.workspace(args.config, root / "workspace", data=True)
+        measured = asyncio.run(_measure(_config(space, root), args))
+        if not args.skip_grpc:
+            say("over gRPC: a server per variant, the client processes, an OTLP collector")
+            measured["grpc"], measured["grpc_spans"] = grpc_rows(space, root, args)
+    return {
+        "suite": "observe",
+        "machine": machine_facts(),
+        "rounds": ROUNDS,
+        **measured,
+    }
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    throughput = table(
+        report["throughput"],
+        [
+            ("RPC", "rpc"),
+            ("variant", "variant"),
+            ("concurrency", "concurrency"),
+            ("calls", "calls"),
+            ("calls/s", num("calls_per_s", 0)),
+            ("lost vs off", lambda r: f"{r['lost_percent']:+.1f}%"),
+            ("p50 µs", num("p50_us", 0)),
+            ("p99 µs", num("p99_us", 0)),
+        ],
+    )
+    grpc_table = table(
+        report.get("grpc", []),
+        [
+            ("RPC", "rpc"),
+            ("server", "variant"),
+            ("concurrency", "concurrency"),
+            ("calls", "calls"),
+            ("calls/s", num("calls_per_s", 0)),
+            ("lost vs off", lambda r: f"{r['lost_percent']:+.1f}%"),
+            ("p50 µs", num("p50_us", 0)),
+            ("p99 µs", num("p99_us", 0)),
+            ("server CPU µs/call", num("server_cpu_us", 0)),
+            (
+                "CPU vs off",
+                lambda r: (
+                    "-" if r["cpu_added_percent"] is None else f"{r['cpu_added_percent']:+.1f}%"
+                ),
+            ),
+        ],
+    )
+    direct = table(
+        report["direct"],
+        [("RPC", "rpc"), ("part", "part"), ("p50 µs", num("p50", 1)), ("p99 µs", num("p99", 1))],
+    )
+    exposition = report["exposition"]
+    notes = [
+        f"{report['rounds']} alternating rounds per RPC and variant; audit off; local backends. "
+        "Over gRPC the spans go over OTLP/gRPC to a collector that counts them; in process to "
+        "the SDK's batch processor and an exporter that counts them (no OTLP encoding).",
+        f"One /metrics exposition after the run: {exposition['series']} series, "
+        f"{exposition['bytes']:,} bytes, {exposition['ms']:.1f} ms; "
+        f"{report['spans_exported']:,} spans exported in process"
+        + (
+            f", {report['grpc_spans']:,} received by the OTLP collector."
+            if "grpc" in report
+            else "."
+        ),
+    ]
+    return document(
+        "Plexus observability: metrics and tracing on against off",
+        report,
+        notes,
+        [
+            *([("Over gRPC", grpc_table)] if report.get("grpc") else []),
+            ("In process", throughput),
+            ("The recorders, one call at a time", direct),
+        ],
+    )
+
+
+def plot(report: dict[str, Any], plt: Any) -> Any:
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    rows = report["throughput"]
+    labels = [f"{r['rpc']}\n{r['variant']}" for r in rows]
+    ax.bar(range(len(rows)), [r["calls_per_s"] for r in rows])
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("calls per second")
+    return fig
+
+
+def main(args: argparse.Namespace) -> int:
+    report = run_suite(args)
+    publish(args.out, "observe", report, to_markdown(report), plot)
+    return 0
