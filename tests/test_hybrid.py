@@ -22,6 +22,7 @@ from router.context.collections import CHUNKS_FILE, Collection, CollectionWriter
 from router.context.ingest import TITLE_TOKENS, embedding_text, read_documents
 from router.context.lexical import (
     K1,
+    NOMINATING_DF,
     B,
     LexicalIndex,
     fuse,
@@ -92,6 +93,37 @@ def test_bm25_matches_the_reference(documents: list[list[str]], query: list[str]
     np.testing.assert_allclose(scores, reference_bm25(documents, query), rtol=1e-5, atol=1e-6)
     ids = np.array([c[0] for c in chunks] + [11, 999], dtype=np.int64)
     assert index.rows_of(ids).tolist() == [*range(len(chunks)), -1, -1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    documents=st.lists(st.lists(WORDS, min_size=0, max_size=12), min_size=1, max_size=40),
+    query=st.lists(WORDS | st.just("absent"), min_size=1, max_size=5),
+    n=st.integers(1, 10),
+)
+def test_nominees_and_row_scores_match_the_reference(
+    documents: list[list[str]], query: list[str], n: int
+) -> None:
+    connection = sqlite3.connect(":memory:")
+    write_lexical_index(connection, [(i, "", " ".join(words)) for i, words in enumerate(documents)])
+    index = LexicalIndex(connection)
+    words = query_terms(" ".join(query))
+    postings = index.postings(connection, words)
+    full = np.array(reference_bm25(documents, words))
+    rows = np.array([*range(len(documents)), -1], dtype=np.int64)
+    np.testing.assert_allclose(index.score_rows(postings, rows), [*full, 0.0], rtol=1e-5, atol=1e-6)
+    limit = max(1, int(NOMINATING_DF * len(documents)))
+    df = {w: sum(w in d for d in documents) for w in words if any(w in d for d in documents)}
+    rare = [w for w in df if df[w] <= limit] or ([min(df, key=df.get)] if df else [])
+    partial = np.array(reference_bm25(documents, rare)) if rare else np.zeros(len(documents))
+    nominees = index.nominate(postings, n)
+    assert len(nominees) == min(n, int((partial > 0).sum()))
+    assert all(
+        partial[nominees[j]] >= partial[nominees[j + 1]] - 1e-5 for j in range(len(nominees) - 1)
+    )
+    if len(nominees):  # nobody left out scores above the last nominee
+        left_out = np.setdiff1d(np.arange(len(documents)), nominees)
+        assert all(partial[i] <= partial[nominees[-1]] + 1e-5 for i in left_out)
 
 
 def test_titles_count_as_words_and_ids_must_ascend() -> None:
@@ -178,7 +210,7 @@ def build(data_dir: Path, config: CollectionConfig, vectors: np.ndarray, tags=No
 
 def test_hybrid_ranks_by_the_fused_score(tmp_path: Path) -> None:
     vectors = clustered(len(TEXTS), seed=3)
-    config = CollectionConfig(index="flat", hybrid={"bm25_weight": 0.5, "candidates": 3})
+    config = CollectionConfig(index="flat", hybrid={"bm25_weight": 0.6, "candidates": 3})
     build(tmp_path, config, vectors)
     collection = Collection.load(tmp_path, "retail", "docs", config)
     assert collection.hybrid_active and collection.meta["lexical"]["terms"] > 20
@@ -186,18 +218,19 @@ def test_hybrid_ranks_by_the_fused_score(tmp_path: Path) -> None:
     text = "which blender has the QX7781 warranty"
     hits = collection.search_hits(query, 3, text=text)
 
-    # by hand: the 3 nearest chunks and the 3 best BM25 chunks, pooled and fused
+    # by hand: the 3 nearest chunks and the 3 best by BM25 over the discriminating words
+    # (held by at most max(1, 10%) of the chunks), pooled and fused on full BM25
     cos = unit(vectors) @ query
-    connection = sqlite3.connect(tmp_path / "retail/collections/docs/v0001" / CHUNKS_FILE)
-    index = LexicalIndex(connection)
-    bm = index.scores(index.postings(connection, query_terms(text)))
-    pooled = list(
-        dict.fromkeys(
-            np.argsort(-cos)[:3].tolist()
-            + [int(i) for i in np.argsort(-bm, kind="stable")[:3] if bm[i] > 0]
-        )
-    )
-    fused = fuse(cos[pooled], bm[pooled], "blend", 0.5)
+    documents = [terms(t) for t in TEXTS]
+    words = query_terms(text)
+    rare = [w for w in words if sum(w in d for d in documents) == 1]
+    assert sorted(rare) == ["blender", "qx7781", "warranty"]
+    nominee_scores = np.array(reference_bm25(documents, rare))
+    nominees = [int(i) for i in np.argsort(-nominee_scores, kind="stable")[:3]]
+    nominees = [i for i in nominees if nominee_scores[i] > 0]
+    bm = np.array(reference_bm25(documents, words))
+    pooled = list(dict.fromkeys(np.argsort(-cos)[:3].tolist() + nominees))
+    fused = fuse(cos[pooled], bm[pooled], "blend", 0.6)
     expected = [pooled[j] for j in np.argsort(-fused, kind="stable")]
     assert [h.chunk.chunk_id for h in hits] == expected[:3]
     np.testing.assert_allclose([h.score for h in hits], np.sort(fused)[::-1][:3], rtol=1e-5)

@@ -901,8 +901,6 @@ class Collection:
         assert lexical is not None
         with self._lock:
             postings = lexical.postings(self._connection, words)
-        bm25 = lexical.scores(postings)  # by row
-        matching = np.flatnonzero(bm25 > 0)
         depth = max(k, self.hybrid.candidates)
         fetch = min(self.size, depth * 4 if required else depth)
         cache: dict[int, StoredChunk] = {}
@@ -913,19 +911,13 @@ class Collection:
             for s, i in zip(scores[0], ids[0], strict=True):
                 if i >= 0:
                     cosines[int(i)] = float(s)
-            if len(matching) > fetch:
-                best = matching[np.argpartition(-bm25[matching], fetch - 1)[:fetch]]
-            else:
-                best = matching
-            best = best[np.argsort(-bm25[best], kind="stable")]
-            words_only = [int(i) for i in lexical.ids[best] if int(i) not in cosines]
-            cosines.update(self._cosines(query[0], words_only))
-            pooled = list(dict.fromkeys(dense + [int(i) for i in lexical.ids[best]]))
+            nominated = [int(i) for i in lexical.ids[lexical.nominate(postings, fetch)]]
+            cosines.update(self._cosines(query[0], [i for i in nominated if i not in cosines]))
+            pooled = list(dict.fromkeys(dense + nominated))
             passing = [i for i in pooled if cosines.get(i, -np.inf) >= min_score]
-            rows = lexical.rows_of(np.asarray(passing, dtype=np.int64))
             fused = fuse(
                 np.asarray([cosines[i] for i in passing], dtype=np.float32),
-                np.where(rows >= 0, bm25[np.maximum(rows, 0)], 0.0),
+                lexical.score_rows(postings, lexical.rows_of(np.asarray(passing, np.int64))),
                 self.hybrid.fusion,
                 self.hybrid.bm25_weight,
             )
@@ -940,7 +932,7 @@ class Collection:
             # only a tag filter is a reason to look deeper: without one, the pool is the answer
             dense_exhausted = len(dense) < fetch or any(cosines[i] < min_score for i in dense)
             exhausted = (
-                not required or fetch >= self.size or (dense_exhausted and len(matching) <= fetch)
+                not required or fetch >= self.size or (dense_exhausted and len(nominated) < fetch)
             )
             if len(hits) >= k or exhausted:
                 return hits[:k]

@@ -35,6 +35,7 @@ K1 = 1.2
 B = 0.75
 MAX_TERM_CHARS = 64  # longer runs (hashes, encoded blobs) are not words anyone searches for
 MAX_QUERY_TERMS = 64
+NOMINATING_DF = 0.1  # a term in more of the chunks than this share nominates no candidate
 RRF_K = 60  # reciprocal rank fusion's usual constant
 _BLOCK = 5_000  # chunks tokenised between two flushes of the postings buffers
 
@@ -186,19 +187,64 @@ class LexicalIndex:
         ).fetchall()
         return [slice(int(start), int(start) + int(df)) for df, start in found]
 
+    def _idf(self, span: slice) -> np.float32:
+        df = span.stop - span.start
+        return np.float32(math.log1p((self.size - df + 0.5) / (df + 0.5)))
+
     def scores(self, postings: Sequence[slice]) -> np.ndarray:
         """BM25 of every row (0 where no term occurs), float32 ``[size]``."""
         if not postings or self.size == 0:
             return np.zeros(self.size, dtype=np.float32)
         rows = [self._rows[span] for span in postings]
-        weights = []
-        for span in postings:
-            df = span.stop - span.start
-            idf = math.log1p((self.size - df + 0.5) / (df + 0.5))
-            weights.append(self._weights[span] * np.float32(idf))
+        weights = [self._weights[span] * self._idf(span) for span in postings]
         return np.bincount(
             np.concatenate(rows), weights=np.concatenate(weights), minlength=self.size
         ).astype(np.float32)
+
+    def nominate(self, postings: Sequence[slice], n: int) -> np.ndarray:
+        """The rows of the ``n`` best chunks by BM25 over the question's discriminating terms,
+        best first: those held by at most :data:`NOMINATING_DF` of the chunks (else the
+        rarest one alone). Common words still count in :meth:`score_rows`, but a chunk that
+        holds nothing else is no lexical candidate, and a search never reads their long
+        posting lists."""
+        if not postings or self.size == 0 or n < 1:
+            return np.zeros(0, dtype=np.int64)
+        limit = max(1, int(NOMINATING_DF * self.size))
+        chosen = [span for span in postings if span.stop - span.start <= limit]
+        if not chosen:
+            chosen = [min(postings, key=lambda span: span.stop - span.start)]
+        rows = np.concatenate([self._rows[span] for span in chosen])
+        weights = np.concatenate([self._weights[span] * self._idf(span) for span in chosen])
+        if len(chosen) == 1:  # one term: its rows are already distinct
+            unique, totals = rows, weights
+        elif len(rows) * 16 > self.size:  # many postings: a dense tally beats sorting them
+            dense = np.bincount(rows, weights=weights, minlength=self.size)
+            unique = np.flatnonzero(dense)
+            totals = dense[unique]
+        else:
+            unique, inverse = np.unique(rows, return_inverse=True)
+            totals = np.bincount(inverse, weights=weights, minlength=len(unique))
+        best = np.argpartition(-totals, n - 1)[:n] if len(unique) > n else np.arange(len(unique))
+        best = best[np.argsort(-totals[best], kind="stable")]
+        return unique[best].astype(np.int64)
+
+    def score_rows(self, postings: Sequence[slice], rows: np.ndarray) -> np.ndarray:
+        """BM25 over every term of the question for the given rows (0 for -1), float32: a
+        binary search of each term's postings (rows ascend within a term)."""
+        wanted = np.asarray(rows, dtype=np.int64)
+        out = np.zeros(len(wanted), dtype=np.float32)
+        if not len(wanted):
+            return out
+        for span in postings:
+            held = self._rows[span]
+            if not len(held):
+                continue
+            at = np.minimum(np.searchsorted(held, wanted), len(held) - 1)
+            found = held[at] == wanted
+            out += np.where(found, self._weights[span][at] * self._idf(span), 0.0).astype(
+                np.float32
+            )
+        return out
 
     def rows_of(self, chunk_ids: np.ndarray) -> np.ndarray:
         """The row of each chunk id (-1 where the index does not hold it)."""
