@@ -5,13 +5,15 @@ casefolded, runs of letters and digits). At commit the writer stores each term's
 frequency and where its postings start (``lexicon``), and in ``lexical`` the chunk ids in row
 order and every posting: a row and its BM25 weight without the idf (Okapi BM25, k1 1.2,
 b 0.75, the average length taken over the whole version). A loaded collection holds the
-postings in memory (8 bytes each); a search looks its terms up in the store and scores every
-chunk that holds one of them in a few vectorised numpy operations.
+postings in memory (8 bytes each); a search looks its terms up in the store, nominates the
+chunks best by BM25 over the question's discriminating terms (:meth:`LexicalIndex.nominate`:
+those in at most 10% of the chunks, so the long lists of common words are never read whole),
+and scores each pooled chunk on every term by binary search (:meth:`LexicalIndex.score_rows`).
 
 Why not SQLite FTS5 and its ``bm25()``: measured at 100,000 chunks, ``bm25()`` costs about
 5 µs per matching row, 200-500 ms for a question whose words are common, and reading the
-postings back out of the store as blobs at each search cost ~3 ms; the postings held in memory
-score such a question (~80,000 postings) in about a millisecond.
+postings back out of the store as blobs at each search cost ~3 ms; held in memory, even
+scoring every posting of such a question (~80,000) took about a millisecond.
 
 A store written before this index existed has no ``lexical`` table; :func:`has_lexical_index`
 tells, and such a collection is searched by its vectors alone until it is re-ingested.
