@@ -23,7 +23,7 @@ from bench import common
 from bench.harness.adapters import ChatStream, chat_request
 from bench.harness.clients import Job
 from bench.instant_backend import InstantProtocol
-from bench.peers import _levels, _targets, bare_config, chat_body, profile, render, systems
+from bench.peers import _levels, _modes, _targets, bare_config, chat_body, profile, render, systems
 from router.config import load_config
 
 # ----------------------------------------------------------------------------- the chat client
@@ -197,6 +197,9 @@ def test_py_spy_command_line() -> None:
     assert "--native" in args and "--subprocesses" in args
     assert args[args.index("--duration") + 1] == "10"
     assert args[args.index("--format") + 1] == "raw"
+    python = profile.command(Path("/x/py-spy"), 42, 3, Path("/o/p.txt"), False, False, 50)
+    assert "--nonblocking" in python and "--gil" in python and "--native" not in python
+    assert "--subprocesses" not in python and python[python.index("--rate") + 1] == "50"
 
 
 # ----------------------------------------------------------------------------- configs, peers
@@ -265,6 +268,9 @@ def test_levels_and_systems_parse() -> None:
     assert _targets("plexus-grpc,echo-route") == ["plexus-grpc", "echo-route"]
     with pytest.raises(argparse.ArgumentTypeError, match="unknown system"):
         _targets("plexus-grpc,nginx")
+    assert _modes("gil,native,gil") == ["gil", "native"]
+    with pytest.raises(argparse.ArgumentTypeError):
+        _modes("perf")
 
 
 # ----------------------------------------------------------------------------- the report

@@ -21,8 +21,10 @@ reverse; the next level starts reversed) so drift hits all of them alike. Report
 per second, p50 / p99 latency, the server's CPU per call from /proc (with ``--workers``: the
 supervisor and every worker summed), the ratios the goals name, the versions of both sides and
 the machine. With ``--profile-seconds`` (default 10) py-spy then samples the no-context Plexus
-server under load at concurrency 16, over gRPC and over HTTP, and the report lists the top of
-each profile.
+server under load at concurrency 16, over gRPC and over HTTP, in each of ``--profile-modes``
+(``native``: every thread with C frames and system calls, pausing the server at each sample;
+``gil``: the GIL holder's Python frames, never pausing it), and the report lists the top of each
+profile.
 
 The peer is installed only with ``--install-peers``, into a virtual environment of its own
 under ``--peers-dir`` (never into Plexus's); without it an existing one is used, or the report
@@ -64,6 +66,7 @@ from bench.report import machine_facts, percentiles_ms, publish, say
 
 HELP = "Plexus vs the LiteLLM proxy (HTTP and gRPC, streamed and not) and a py-spy profile"
 PROFILE_LEVEL = 16
+PROFILE_MODES = {"native": profile.RATE_HZ, "gil": profile.GIL_RATE_HZ}
 IDLE_SECONDS = 3.0
 
 
@@ -114,6 +117,13 @@ def _targets(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _modes(text: str) -> list[str]:
+    modes = [part.strip() for part in text.split(",") if part.strip()]
+    if not modes or any(m not in PROFILE_MODES for m in modes):
+        raise argparse.ArgumentTypeError(f"profile modes from {', '.join(PROFILE_MODES)}")
+    return list(dict.fromkeys(modes))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=common.DEMO_CONFIG)
     parser.add_argument(
@@ -155,6 +165,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=common.non_negative_float,
         default=10.0,
         help="py-spy per profiled system at concurrency 16 (0: no profile)",
+    )
+    parser.add_argument(
+        "--profile-modes",
+        type=_modes,
+        default=list(PROFILE_MODES),
+        help="native: every thread with native frames at 50 Hz (pauses the server at each "
+        "sample); gil: the GIL holder's Python frames at 100 Hz (never pauses it)",
     )
     common.add_out(parser)
 
@@ -373,6 +390,65 @@ def _find_or_install_peer(args: argparse.Namespace) -> tuple[systems.Peer | None
     return peer, None
 
 
+def _profile_one(
+    args: argparse.Namespace,
+    pool: harness.ClientPool,
+    setup: Setup,
+    name: str,
+    mode: str,
+    py_spy: Path,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """One py-spy recording of the server behind ``name`` while the client drives it."""
+    target = BY_NAME[name]
+    server = setup.servers[target.server]
+    collapsed = out_dir / f"peers-profile-{name}-{mode}.txt"
+    say(f"profiling {server.name} under {name} at c={PROFILE_LEVEL} ({mode}), "
+        f"{args.profile_seconds:g} s")  # fmt: skip
+    recording = profile.start(
+        py_spy,
+        server.pid,
+        args.profile_seconds,
+        collapsed,
+        children=args.workers > 1,
+        native=mode == "native",
+        rate=PROFILE_MODES[mode],
+    )
+    run = setup_run(pool, setup, name, args.profile_seconds)
+    recording.wait(timeout=args.profile_seconds + 60)
+    stacks = profile.parse_collapsed(collapsed.read_text(errors="replace").splitlines())
+    return {
+        "system": name,
+        "mode": mode if "--native" in recording.args or mode == "gil" else "gil (native failed)",
+        "command": " ".join(recording.args),
+        "native": "--native" in recording.args,
+        "samples": sum(s.samples for s in stacks),
+        "busy_samples": profile.busy_samples(stacks),
+        "rps_while_sampled": run.rps,
+        "failures": run.failures,
+        "collapsed_file": collapsed.name,
+        "areas": profile.areas(stacks),
+        "top_own": [vars(r) for r in profile.top(stacks, 15, "own")],
+        "top_plexus": [vars(r) for r in profile.top(stacks, 15, "plexus")],
+    }
+
+
+def setup_run(pool: harness.ClientPool, setup: Setup, name: str, seconds: float) -> harness.Run:
+    """``name`` at the profile's concurrency for ``seconds``."""
+    target = BY_NAME[name]
+    port = _port(setup.servers[target.server], target)
+    return pool.run(
+        name,
+        target.adapter,
+        ("127.0.0.1", port),
+        setup.key,
+        setup.payloads[name],
+        PROFILE_LEVEL,
+        1,
+        seconds=seconds,
+    )
+
+
 def run_profiles(
     args: argparse.Namespace,
     pool: harness.ClientPool,
@@ -388,44 +464,8 @@ def run_profiles(
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for name in names:
-        target = BY_NAME[name]
-        server = setup.servers[target.server]
-        collapsed = out_dir / f"peers-profile-{name}.txt"
-        say(
-            f"profiling {server.name} under {name} at c={PROFILE_LEVEL}, {args.profile_seconds:g} s"
-        )
-        recording = profile.start(
-            py_spy, server.pid, args.profile_seconds, collapsed, children=args.workers > 1
-        )
-        port = server.ports["http" if target.adapter == "chat" else "grpc"]
-        run = pool.run(
-            name,
-            target.adapter,
-            ("127.0.0.1", port),
-            setup.key,
-            setup.payloads[name],
-            PROFILE_LEVEL,
-            1,
-            seconds=args.profile_seconds,
-        )
-        recording.wait(timeout=args.profile_seconds + 60)
-        stacks = profile.parse_collapsed(collapsed.read_text(errors="replace").splitlines())
-        samples = sum(s.samples for s in stacks)
-        results.append(
-            {
-                "system": name,
-                "command": " ".join(recording.args),
-                "native": "--native" in recording.args,
-                "samples": samples,
-                "busy_samples": profile.busy_samples(stacks),
-                "rps_while_sampled": run.rps,
-                "failures": run.failures,
-                "collapsed_file": collapsed.name,
-                "areas": profile.areas(stacks),
-                "top_own": [vars(r) for r in profile.top(stacks, 15, "own")],
-                "top_plexus": [vars(r) for r in profile.top(stacks, 15, "plexus")],
-            }
-        )
+        for mode in args.profile_modes:
+            results.append(_profile_one(args, pool, setup, name, mode, py_spy, out_dir))
     return results
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from bench.report import say
 
-RATE_HZ = 100
+RATE_HZ = 50  # native sampling pauses the server: 100 Hz cost it 70% of its calls/s here
+GIL_RATE_HZ = 100
 # "function (path/to/file.py:123)": the name, and the place without its line number.
 _FRAME = re.compile(r"^(?P<name>.*?) \((?P<where>[^()]*?)(?::\d+)?\)$")
 WAITS = frozenset(
@@ -205,13 +206,21 @@ def areas(stacks: list[Stack]) -> dict[str, float]:
 
 
 def command(
-    py_spy: Path, pid: int, seconds: float, out: Path, native: bool, children: bool
+    py_spy: Path,
+    pid: int,
+    seconds: float,
+    out: Path,
+    native: bool,
+    children: bool,
+    rate: int = RATE_HZ,
 ) -> list[str]:
-    """The py-spy command line that samples ``pid`` for ``seconds`` into ``out``."""
-    args = [str(py_spy), "record", "--pid", str(pid), "--rate", str(RATE_HZ)]
+    """The py-spy command line that samples ``pid`` for ``seconds`` into ``out``: every
+    thread with native frames (py-spy pauses the process for each sample), or (not
+    ``native``) the Python frames of the thread holding the GIL, without pausing the process
+    (``--gil --nonblocking``)."""
+    args = [str(py_spy), "record", "--pid", str(pid), "--rate", str(rate)]
     args += ["--duration", str(max(1, round(seconds))), "--format", "raw", "-o", str(out)]
-    if native:
-        args.append("--native")
+    args += ["--native"] if native else ["--gil", "--nonblocking"]
     if children:
         args.append("--subprocesses")
     return args
@@ -242,11 +251,21 @@ class Recording:
                                f"{self.log.read_text()[-400:]}")  # fmt: skip
 
 
-def start(py_spy: Path, pid: int, seconds: float, out: Path, children: bool) -> Recording:
-    """py-spy on ``pid`` with native frames (C extensions, system calls), else without."""
+def start(
+    py_spy: Path,
+    pid: int,
+    seconds: float,
+    out: Path,
+    children: bool,
+    native: bool = True,
+    rate: int = RATE_HZ,
+) -> Recording:
+    """py-spy on ``pid``; with ``native``, native frames too (C extensions, system calls), and
+    when py-spy cannot walk them here, Python frames only."""
     log = out.with_suffix(".log")
-    try:
-        return Recording(command(py_spy, pid, seconds, out, True, children), log)
-    except RuntimeError as exc:
-        say(f"py-spy --native failed ({exc}); sampling Python frames only")
-        return Recording(command(py_spy, pid, seconds, out, False, children), log)
+    if native:
+        try:
+            return Recording(command(py_spy, pid, seconds, out, True, children, rate), log)
+        except RuntimeError as exc:
+            say(f"py-spy --native failed ({exc}); sampling Python frames only")
+    return Recording(command(py_spy, pid, seconds, out, False, children, rate), log)

@@ -180,12 +180,18 @@ def _under(row: Mapping[str, Any]) -> str:
 def _profile(p: Mapping[str, Any]) -> str:
     if "skipped" in p:
         return p["skipped"]
+    if p["native"]:
+        what = (
+            f"{p['samples']:,} samples of every thread, {p['busy_samples']:,} of them busy (the "
+            "rest wait in epoll, a lock, a condition or fdatasync)"
+        )
+    else:
+        what = f"{p['samples']:,} samples of the thread holding the GIL"
     head = (
-        f"`{p['command']}` while the client drove `{p['system']}` at concurrency 16: "
-        f"{p['samples']:,} samples of every thread, {p['busy_samples']:,} of them busy (the "
-        "rest wait in epoll, a lock or a condition); "
-        f"{fmt(p['rps_while_sampled'])} calls/s while sampled ({p['failures']} failed); "
-        f"collapsed stacks in `{p['collapsed_file']}`. Shares are of the busy samples."
+        f"**{p['system']}, {p['mode']}**: `{p['command']}` while the client drove "
+        f"`{p['system']}` at concurrency 16: {what}; {fmt(p['rps_while_sampled'])} calls/s "
+        f"while sampled ({p['failures']} failed); collapsed stacks in "
+        f"`{p['collapsed_file']}`. Shares are of the busy samples."
     )
     areas = table(
         [{"area": a, "share": v} for a, v in p["areas"].items()],
