@@ -361,6 +361,33 @@ def idle_cpu(servers: dict[str, systems.Server], seconds: float = IDLE_SECONDS) 
     return out
 
 
+def checkout_commit() -> str | None:
+    """The checkout's commit, with "+changes" when ``router/`` has uncommitted edits; None
+    outside a git checkout."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=common.CHECKOUT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "router"],
+            cwd=common.CHECKOUT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -474,6 +501,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"{args.config}: the benchmark needs the {common.TENANT!r} tenant")
     started = time.monotonic()
     load_start = load_average()
+    commit = checkout_commit()  # what the servers run: the tree as it is at their start
     peer, peer_note = (None, None)
     wanted = [BY_NAME[n] for n in args.systems]
     if any(t.server == "litellm" for t in wanted):
@@ -584,6 +612,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_end": load_average(),
         "versions": {
             "plexus": machine_facts()["packages"]["plexus-router"],
+            "plexus_commit": commit,
             "python": machine_facts()["python"],
             "peer": peer.versions() if peer is not None else None,
         },

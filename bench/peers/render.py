@@ -279,7 +279,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         for name, m in report["models"].items()
     )
     notes = [
-        f"Versions: plexus-router {versions['plexus']} on Python {versions['python']}; "
+        f"Versions: plexus-router {versions['plexus']} (checkout "
+        f"{versions.get('plexus_commit') or 'unknown'}) on Python {versions['python']}; "
         f"{peer_text}.",
         f"Load average (1, 5, 15 min) at the start {report['machine'].get('load_average_start')}, "
         f"after each level {loads}, at the end {report['load_average_end']}.",
