@@ -329,6 +329,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return serve_bundle(args, cmd_serve)
     loaded = load_config(args.config)
     server_config = loaded.config.server
+    from router.observe.logs import configure_logging  # JSON or text, one line per request
+
+    configure_logging(server_config.log_format, logging.getLogger().getEffectiveLevel())
     address = args.address or server_config.address
     http_address = args.http_address or server_config.http_address
     workers = _workers(args.workers, loaded)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import urllib.error
 import urllib.request
 from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -388,6 +390,40 @@ def test_openmetrics_when_asked_and_healthz(port: int) -> None:
     assert status == 404
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def family_names(samples: Samples) -> set[str]:
+    """Metric family names of a scrape (sample suffixes taken off)."""
+    names = set()
+    for name, _ in samples:
+        for suffix in ("_bucket", "_count", "_sum", "_total", "_created"):
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+        names.add(name)
+    return names
+
+
+def test_every_metric_is_documented_and_the_dashboard_queries_real_ones(port: int) -> None:
+    exported = {n for n in family_names(scrape(port)) if n.startswith("plexus_")}
+    docs = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"`(plexus_[a-z_]+)`", docs))
+    documented = {d.removesuffix("_total") for d in documented}
+    assert exported - documented == set(), "every exported metric is in the reference"
+    dashboard = json.loads((ROOT / "examples" / "grafana-dashboard.json").read_text())
+    queried = {
+        name.removesuffix("_bucket").removesuffix("_total")
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", ())
+        for name in re.findall(r"plexus_[a-z_]+", target["expr"])
+    }
+    assert queried, "the dashboard has queries"
+    drift = {n for n in queried if n.startswith("plexus_drift_")}  # only with drift measured
+    assert queried - drift <= exported
+    assert drift <= documented
+
+
 def label_values(samples: Samples) -> set[tuple[str, str]]:
     return {pair for name, labels in samples if name.startswith("plexus_") for pair in labels}
 
@@ -489,7 +525,7 @@ def test_a_metric_at_its_series_cap_folds_new_values_into_other() -> None:
     counter = Counter("c_total", "c", ["user"], max_series=2)
     for value in ("a", "b", "c", "d", "a"):
         counter.inc((value,))
-    assert counter.series == {("a",): 2.0, ("b",): 1.0, ("(other)",): 2.0}
+    assert counter.values() == {("a",): 2.0, ("b",): 1.0, ("(other)",): 2.0}
     assert counter.overflowed == 2
     histogram = Histogram("h", "h", ["x"], (1.0, 2.0), max_series=1)
     for value, x in ((0.5, "a"), (1.5, "b"), (3.0, "c")):

@@ -400,7 +400,7 @@ def test_configure_logging_is_json_unless_a_terminal() -> None:
     saved = (list(root.handlers), root.level)
     try:
         for stream, expect_json in ((io.StringIO(), True), (Terminal(), False)):
-            configure_logging("auto", stream=stream)
+            configure_logging("auto", logging.INFO, stream=stream)
             logging.getLogger("plexus.requests").info("a request", extra={"tenant": "retail"})
             line = stream.getvalue().strip()
             if expect_json:

@@ -4,8 +4,8 @@
 ``plexus.requests`` logger: request id, trace id, tenant, app, RPC, route, outcome and server
 time (never the text, never the key). When that logger is not enabled for INFO it costs one
 level check. :func:`configure_logging` is what ``plexus serve`` calls: one handler on stderr
-whose formatter ``server.log_format`` chooses (``auto``: text on a terminal, else JSON), and
-``plexus.requests`` at INFO.
+whose formatter ``server.log_format`` chooses (``auto``: text on a terminal, else JSON), at the
+command's level (``plexus serve -v`` is INFO, and so writes the request lines).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def configure_logging(
     log_format: LogFormat = "auto", level: int = logging.WARNING, stream: IO[str] | None = None
 ) -> logging.Handler:
     """Send every log record to ``stream`` (stderr) in ``log_format``: the root logger gets
-    this one handler at ``level``, and ``plexus.requests`` logs at INFO whatever the level."""
+    this one handler at ``level`` (the request lines need INFO)."""
     stream = sys.stderr if stream is None else stream
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
@@ -75,7 +75,6 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    logging.getLogger(REQUESTS_LOGGER).setLevel(logging.INFO)
     return handler
 
 

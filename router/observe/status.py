@@ -417,14 +417,18 @@ class Observer:
 
 
 async def start_observer(
-    plexus: Plexus, address: str, serving: Callable[[], bool] = lambda: True
+    plexus: Plexus,
+    address: str,
+    serving: Callable[[], bool] = lambda: True,
+    reuse_port: bool = False,
 ) -> tuple[web.AppRunner, int]:
     """Serve ``/metrics``, ``/status`` and ``/healthz`` on ``address`` (``HOST:PORT``; port 0
-    picks one); the runner to clean up, and the port."""
+    picks one); the runner to clean up, and the port. ``reuse_port``: the workers of one
+    ``serve --workers`` share it (each scrape then reaches one worker's own counts)."""
     host, _, port = address.rpartition(":")
     runner = web.AppRunner(Observer(plexus, serving).app(), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host.strip("[]") or None, int(port))
+    site = web.TCPSite(runner, host.strip("[]") or None, int(port), reuse_port=reuse_port or None)
     try:
         await site.start()
     except OSError:

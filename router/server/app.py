@@ -131,7 +131,7 @@ class PlexusServer:
             log.info("plexus OpenAI-compatible front door on port %d", self.http_port)
         if self.config.metrics_address is not None and self.plexus.metrics is not None:
             self.metrics_runner, self.metrics_port = await start_observer(
-                self.plexus, self.config.metrics_address, lambda: self.serving
+                self.plexus, self.config.metrics_address, lambda: self.serving, self.reuse_port
             )
             log.info("plexus /metrics and /status on port %d", self.metrics_port)
         # Everything loaded so far (libraries, models) lives as long as the server: move it out
