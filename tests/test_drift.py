@@ -347,13 +347,20 @@ class Replay:
         return self._cache[key]
 
     def feed(self, stream: Sequence[tuple[str, str]]) -> None:
-        async def run() -> None:
-            for app, text in stream:
+        """Record each request's decision; every closed window is tested before the next one
+        closes, however busy the machine (the background thread may fall behind a replay that
+        runs far faster than any server, and drop windows)."""
+
+        async def run(part: Sequence[tuple[str, str]]) -> None:
+            for app, text in part:
                 state = RequestState(CALLER, RouteQuery(app, text))
                 state.decision = self.decide(app, text)
                 await self.monitor.record(state)
 
-        self.loop.run_until_complete(run())
+        step = min(c.window for c in self.monitor.configs.values()) if self.monitor.configs else 500
+        for start in range(0, len(stream), step):
+            self.loop.run_until_complete(run(stream[start : start + step]))
+            self.monitor.drain()
 
     def reading(self):  # type: ignore[no-untyped-def]
         (reading,) = [r for r in self.monitor.snapshot("retail") if r.model_version == self.version]
