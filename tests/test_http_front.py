@@ -239,3 +239,14 @@ def test_bad_bodies_are_bounded_and_the_server_keeps_serving(base_url, served, c
         model="storefront", messages=[{"role": "user", "content": "hi"}]
     )
     assert answer.choices[0].message.content
+
+
+def test_a_traceparent_header_continues_the_callers_trace(client, peer):
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    client.chat.completions.create(
+        model="storefront",
+        messages=[{"role": "user", "content": DISPUTE}],
+        extra_headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+    )
+    sent = peer.requests[-1].headers.get("traceparent", "")
+    assert sent.split("-")[1] == trace_id  # the same trace reaches the backend

@@ -5,7 +5,8 @@ bearer token is a Plexus API key; ``model`` names one of the tenant's apps (``pl
 the key's default app); the last user message is what Plexus routes, guards, stitches context
 into and sends down the route's backend chain; earlier messages (system, developer, previous
 turns) go before it, redacted as the request's text is. ``user`` and ``metadata`` become request
-metadata (``user`` under the tenant's ``policy.user_field``).
+metadata (``user`` under the tenant's ``policy.user_field``). A W3C ``traceparent`` header
+continues the caller's trace.
 
 The answer comes back in OpenAI's shapes: a ``chat.completion``, or with ``stream: true``
 server-sent ``chat.completion.chunk`` events ending in ``data: [DONE]``. Response headers carry
@@ -39,6 +40,7 @@ from router.backends.types import Message
 from router.calls import Caller, RouteQuery
 from router.config import LoadedConfig
 from router.errors import InvalidArgument, NotFound, PlexusError
+from router.observe.tracing import TRACEPARENT
 from router.pipeline import DecisionEvent, DeltaEvent, ErrorEvent, FinalEvent, OrchestrateEvent
 from router.plexus import Plexus
 
@@ -191,6 +193,7 @@ class ChatFront:
         return web.json_response({"object": "list", "data": data})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        TRACEPARENT.set(request.headers.get("traceparent", ""))  # the caller's trace, if any
         try:
             caller = self._caller(request)
             if request.content_length is not None and request.content_length > self.max_body:
