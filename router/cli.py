@@ -747,4 +747,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # As ``python -m router.cli``, this file runs as ``__main__``, a second copy of the module:
+    # run the package's own, whose error classes are the ones the commands raise.
+    from router.cli import main as package_main
+
+    sys.exit(package_main())
