@@ -114,7 +114,7 @@ def test_nominees_and_row_scores_match_the_reference(
     np.testing.assert_allclose(index.score_rows(postings, rows), [*full, 0.0], rtol=1e-5, atol=1e-6)
     limit = max(1, int(NOMINATING_DF * len(documents)))
     df = {w: sum(w in d for d in documents) for w in words if any(w in d for d in documents)}
-    rare = [w for w in df if df[w] <= limit] or ([min(df, key=df.get)] if df else [])
+    rare = [w for w in df if df[w] <= limit] or [w for w in df if df[w] == min(df.values())]
     partial = np.array(reference_bm25(documents, rare)) if rare else np.zeros(len(documents))
     nominees = index.nominate(postings, n)
     assert len(nominees) == min(n, int((partial > 0).sum()))

@@ -206,15 +206,16 @@ class LexicalIndex:
     def nominate(self, postings: Sequence[slice], n: int) -> np.ndarray:
         """The rows of the ``n`` best chunks by BM25 over the question's discriminating terms,
         best first: those held by at most :data:`NOMINATING_DF` of the chunks (else the
-        rarest one alone). Common words still count in :meth:`score_rows`, but a chunk that
+        rarest of them). Common words still count in :meth:`score_rows`, but a chunk that
         holds nothing else is no lexical candidate, and a search never reads their long
         posting lists."""
         if not postings or self.size == 0 or n < 1:
             return np.zeros(0, dtype=np.int64)
         limit = max(1, int(NOMINATING_DF * self.size))
         chosen = [span for span in postings if span.stop - span.start <= limit]
-        if not chosen:
-            chosen = [min(postings, key=lambda span: span.stop - span.start)]
+        if not chosen:  # only common words: the rarest of them (all, when they tie)
+            rarest = min(span.stop - span.start for span in postings)
+            chosen = [span for span in postings if span.stop - span.start == rarest]
         rows = np.concatenate([self._rows[span] for span in chosen])
         weights = np.concatenate([self._weights[span] * self._idf(span) for span in chosen])
         if len(chosen) == 1:  # one term: its rows are already distinct
