@@ -37,13 +37,14 @@ ADMIN = (("x-api-key", ADMIN_KEY),)
 
 def start_replica(config: Path) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "router.cli", "serve", str(config), "--address", "127.0.0.1:0"],
+        [sys.executable, "-m", "router.cli", "serve", str(config), "--address", "127.0.0.1:0",
+         "--workers", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
         cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    )  # fmt: skip
     line = process.stdout.readline()  # type: ignore[union-attr]
     assert "plexus serving on" in line, f"the replica did not start: {line!r}"
     return process, line.strip().rsplit(" ", 1)[1]

@@ -80,7 +80,9 @@ def test_workers_share_the_port_the_limits_and_the_swaps(tmp_path, redis):
     )  # fmt: skip
     try:
         line = process.stdout.readline()  # type: ignore[union-attr]
-        assert line.startswith("plexus serving on 127.0.0.1:") and "(2 workers)" in line, line
+        assert line.startswith("plexus workers: 2 (pids "), line
+        line = process.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("plexus serving on 127.0.0.1:"), line
         address = line.split()[3]
         workers = children(process.pid)
         assert len(workers) == 2

@@ -175,9 +175,11 @@ def serve_workers(
         front = next(
             (line for line in supervisor.workers[0].lines if line.startswith(FRONT_DOOR)), None
         )
-        print(f"{READY} {address} ({count} workers)", flush=True)
-        if front:
+        if front:  # as one server prints them: "serving on" last, with the bare address
             print(front, flush=True)
+        pids = ", ".join(str(pid) for pid in supervisor.pids())
+        print(f"plexus workers: {count} (pids {pids})", flush=True)
+        print(f"{READY} {address}", flush=True)
         watcher = threading.Thread(target=supervisor.watch, daemon=True)
         watcher.start()
         stop.wait()
