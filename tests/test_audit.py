@@ -159,7 +159,7 @@ def test_a_record_per_request_without_raw_pii_or_the_key(tmp_path, trained_confi
     assert {"stage": "pii", "kind": "EMAIL", "action": "redact", "count": 1} in route["findings"]
     assert {"stage": "pii", "kind": "CARD", "action": "redact", "count": 1} in route["findings"]
     assert route["answer_sha256"] is None and "prompt_text" not in route
-    assert set(route["timings_us"]) >= {"prep", "pii", "route", "policy"}
+    assert set(route["timings_us"]).issuperset({"prep", "pii", "route", "policy"})
     assert re.fullmatch(r"([0-9a-f]{32})?", route["trace_id"]) and route["time"].endswith("Z")
     prepared = "my order 88123 never came, email me at <EMAIL_1>, card <CARD_1>"
     assert route["prompt_sha256"] == hashlib.sha256(prepared.encode()).hexdigest()

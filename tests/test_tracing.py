@@ -389,7 +389,7 @@ def test_request_log_lines_carry_request_and_trace_ids(trained_config: LoadedCon
     first, second = (json.loads(line) for line in lines)
     assert first["request_id"] == "l-1" and first["trace_id"] == TRACE
     assert first["tenant"] == "retail" and first["rpc"] == "Route" and first["outcome"] == "OK"
-    assert first["route"] and first["server_us"] > 0 and first["level"] == "INFO"
+    assert first["route"] and isinstance(first["server_us"], int) and first["level"] == "INFO"
     assert "text" not in first and "hi" not in first.values()
     assert second["outcome"] == "NOT_FOUND" and second["app"] == repr("no\nsuch app")
     assert len(second["trace_id"]) == 32 and second["trace_id"] != TRACE
