@@ -72,6 +72,14 @@ class TenantStitcher:
         plan = self.plans.get(route)
         return plan is not None and any(isinstance(s, CollectionSourceConfig) for s in plan.sources)
 
+    def blocks(self, route: str) -> bool:
+        """Whether stitching the route's context waits on searches or SQL (then it runs in the
+        executor; a route without such sources is assembled on the loop)."""
+        plan = self.plans.get(route)
+        return plan is not None and any(
+            isinstance(s, CollectionSourceConfig | SqlSourceConfig) for s in plan.sources
+        )
+
     def stitch(
         self,
         app: str,

@@ -1,8 +1,10 @@
 """Stitch: the decided route's context, gathered and assembled into a cited prompt.
 
 The question is encoded only when the route retrieves from a collection and the route stage
-has not already encoded it; gathering and assembly (FAISS searches, SQL queries) run in the
-bounded executor, so the event loop only coordinates.
+has not already encoded it; gathering and assembly run in the bounded executor when the route
+searches a collection, queries a SQL mirror or was sent packets, so the event loop only
+coordinates; a route with only the question and configured text is assembled on the loop,
+sparing the hand-off.
 """
 
 from __future__ import annotations
@@ -32,19 +34,20 @@ class Stitch:
         embedding = state.embedding
         if embedding is None and stitcher.uses_encoder(decision.route):
             embedding = await encode_text(self.batcher, state, self.name)
-        work = asyncio.get_running_loop().run_in_executor(
-            self.executor,
-            functools.partial(
-                stitcher.stitch,
-                state.query.app,
-                state.text,
-                state.metadata,
-                decision,
-                embedding=embedding,
-                packets=state.packets,
-                budget_tokens=state.budget_tokens,
-            ),
+        stitch = functools.partial(
+            stitcher.stitch,
+            state.query.app,
+            state.text,
+            state.metadata,
+            decision,
+            embedding=embedding,
+            packets=state.packets,
+            budget_tokens=state.budget_tokens,
         )
-        result = await asyncio.wait_for(work, state.remaining())
+        if state.packets or stitcher.blocks(decision.route):
+            work = asyncio.get_running_loop().run_in_executor(self.executor, stitch)
+            result = await asyncio.wait_for(work, state.remaining())
+        else:  # only the question and configured text: no hand-off to a thread
+            result = stitch()
         state.timings_us.update(result.timings_us)
         state.context = result
