@@ -52,7 +52,6 @@ class ChangeNotices:
         self.store = plexus.state
         self.origin = uuid.uuid4().hex
         self.run_off_loop = run_off_loop
-        self.applied = 0  # notices from other replicas applied (for tests and logs)
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
 
@@ -149,5 +148,4 @@ class ChangeNotices:
                 "could not apply %s of tenant %s from another replica", change.kind, change.tenant
             )
             return
-        self.applied += 1
         log.info("applied %s of tenant %s from another replica", change.kind, change.tenant)
