@@ -266,23 +266,14 @@ def test_reload_swaps_the_rules_and_refuses_backend_changes(stub, served):
     assert list(route(stub, DISPUTE).rules_applied) == ["short-everywhere"]
 
 
+def explain(loaded, meta: str) -> int:  # type: ignore[no-untyped-def]
+    argv = ["policy", "explain", str(loaded.path), "--tenant", "retail", "--app", "storefront"]
+    return main([*argv, "--text", DISPUTE, "--meta", meta])
+
+
 def test_explain_prints_the_outcome_and_why(served, capsys):
     _, loaded = served
-    code = main(
-        [
-            "policy",
-            "explain",
-            str(loaded.path),
-            "--tenant",
-            "retail",
-            "--app",
-            "storefront",
-            "--text",
-            DISPUTE,
-            "--meta",
-            "tier=guest",
-        ]
-    )
+    code = explain(loaded, "tier=guest")
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["decision"]["route"] == "customer_dispute"
@@ -295,44 +286,10 @@ def test_explain_prints_the_outcome_and_why(served, capsys):
     assert report["outcome"]["chain"] == ["policy-medium"] and report["outcome"]["max_tokens"] == 5
     assert report["outcome"]["refused"] is None
 
-    assert (
-        main(
-            [
-                "policy",
-                "explain",
-                str(loaded.path),
-                "--tenant",
-                "retail",
-                "--app",
-                "storefront",
-                "--text",
-                DISPUTE,
-                "--meta",
-                "region=nowhere",
-            ]
-        )
-        == 0
-    )
+    assert explain(loaded, "region=nowhere") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["outcome"]["refused"].startswith("PERMISSION_DENIED")
-    assert (
-        main(
-            [
-                "policy",
-                "explain",
-                str(loaded.path),
-                "--tenant",
-                "retail",
-                "--app",
-                "storefront",
-                "--text",
-                DISPUTE,
-                "--meta",
-                "tier",
-            ]
-        )
-        == 2
-    )
+    assert explain(loaded, "tier") == 2
 
 
 values = st.sampled_from(["platinum", "gold", "guest", "eu", "us", ""])

@@ -10,6 +10,7 @@ from router.context.assembly import PlacedPiece
 from router.context.collections import Collection
 from router.context.packets import ContextPacket, ContextPiece
 from router.context.stitch import StitchResult
+from router.observe.drift import DriftReading, DriftView
 from router.pipeline import (
     ContextEvent,
     DecisionEvent,
@@ -18,6 +19,7 @@ from router.pipeline import (
     Finding,
     OrchestrateEvent,
 )
+from router.policy.limits import BudgetUse
 from router.routing.decider import ModelInfo, ModelStatus
 
 
@@ -218,3 +220,58 @@ def orchestrate_event_to_proto(event: OrchestrateEvent) -> pb.OrchestrateEvent:
     return pb.OrchestrateEvent(
         error=pb.ErrorEvent(code=event.code, message=event.message, backend=event.backend)
     )
+
+
+def usage_to_proto(tenant: str, rows: Sequence[BudgetUse]) -> pb.GetUsageResponse:
+    return pb.GetUsageResponse(
+        tenant=tenant,
+        budgets=[
+            pb.BudgetUsage(
+                budget=r.budget,
+                per=r.per,
+                scope=r.scope,
+                unit=r.unit,
+                period=r.period,
+                window=r.window,
+                used=r.used,
+                reserved=r.reserved,
+                limit=r.limit,
+                remaining=r.remaining,
+            )
+            for r in rows
+        ],
+    )
+
+
+def _drift_view_to_proto(view: DriftView) -> pb.DriftView:
+    return pb.DriftView(
+        requests=view.requests,
+        statistics=[
+            pb.DriftStatistic(
+                name=s.name, value=s.value, threshold=s.threshold, alarm=s.alarm, detail=s.detail
+            )
+            for s in view.statistics
+        ],
+        alarm=view.alarm,
+        note=view.note,
+    )
+
+
+def drift_to_proto(reading: DriftReading) -> pb.ModelDrift:
+    message = pb.ModelDrift(
+        model_version=reading.model_version,
+        active=reading.active,
+        requests=reading.requests,
+        window=reading.window,
+        windows=reading.windows,
+        alarmed_windows=reading.alarmed_windows,
+        alarms=reading.alarms,
+        reference_rows=reading.reference_rows,
+        reference=reading.reference,
+        alarm=reading.alarm,
+    )
+    if reading.last_window is not None:
+        message.last_window.CopyFrom(_drift_view_to_proto(reading.last_window))
+    if reading.sliding is not None:
+        message.sliding.CopyFrom(_drift_view_to_proto(reading.sliding))
+    return message

@@ -26,7 +26,6 @@ from router._generated.plexus.v1 import plexus_pb2 as pb
 from router.calls import Caller
 from router.config import ConfigError
 from router.errors import FailedPrecondition, InvalidArgument, PlexusError
-from router.observe.drift import DriftReading, DriftView
 from router.observe.tracing import TRACEPARENT, traceparent_from_metadata
 from router.pipeline import ErrorEvent
 from router.plexus import Plexus
@@ -36,12 +35,14 @@ from router.server.changes import ChangeNotices
 from router.server.convert import (
     collection_status_to_proto,
     decision_to_proto,
+    drift_to_proto,
     models_to_proto,
     orchestrate_event_to_proto,
     packet_from_proto,
     query_from_proto,
     status_to_proto,
     stitch_to_proto,
+    usage_to_proto,
 )
 
 log = logging.getLogger("plexus.server")
@@ -246,24 +247,7 @@ class AdminServicer:
         request = parse(pb.GetUsageRequest, data)
         self.plexus.deciders.admin_tenant(caller)
         rows = await read_usage(self.plexus.limits, caller.tenant, request.user or None)
-        return pb.GetUsageResponse(
-            tenant=caller.tenant,
-            budgets=[
-                pb.BudgetUsage(
-                    budget=r.budget,
-                    per=r.per,
-                    scope=r.scope,
-                    unit=r.unit,
-                    period=r.period,
-                    window=r.window,
-                    used=r.used,
-                    reserved=r.reserved,
-                    limit=r.limit,
-                    remaining=r.remaining,
-                )
-                for r in rows
-            ],
-        ).SerializeToString()
+        return usage_to_proto(caller.tenant, rows).SerializeToString()
 
     @rpc
     async def get_drift(
@@ -273,7 +257,7 @@ class AdminServicer:
         self.plexus.deciders.admin_tenant(caller)
         readings = await self._off_loop(self.plexus.drift.snapshot, caller.tenant)
         return pb.GetDriftResponse(
-            tenant=caller.tenant, models=[_drift_to_proto(r) for r in readings]
+            tenant=caller.tenant, models=[drift_to_proto(r) for r in readings]
         ).SerializeToString()
 
     @rpc
@@ -303,40 +287,6 @@ class AdminServicer:
         status = await self._off_loop(tenant.rollback)
         await self._announce(caller.tenant, "model", status.active_version)
         return status_to_proto(status).SerializeToString()
-
-
-def _drift_view_to_proto(view: DriftView) -> pb.DriftView:
-    return pb.DriftView(
-        requests=view.requests,
-        statistics=[
-            pb.DriftStatistic(
-                name=s.name, value=s.value, threshold=s.threshold, alarm=s.alarm, detail=s.detail
-            )
-            for s in view.statistics
-        ],
-        alarm=view.alarm,
-        note=view.note,
-    )
-
-
-def _drift_to_proto(reading: DriftReading) -> pb.ModelDrift:
-    message = pb.ModelDrift(
-        model_version=reading.model_version,
-        active=reading.active,
-        requests=reading.requests,
-        window=reading.window,
-        windows=reading.windows,
-        alarmed_windows=reading.alarmed_windows,
-        alarms=reading.alarms,
-        reference_rows=reading.reference_rows,
-        reference=reading.reference,
-        alarm=reading.alarm,
-    )
-    if reading.last_window is not None:
-        message.last_window.CopyFrom(_drift_view_to_proto(reading.last_window))
-    if reading.sliding is not None:
-        message.sliding.CopyFrom(_drift_view_to_proto(reading.sliding))
-    return message
 
 
 def _identity(data: bytes) -> bytes:
