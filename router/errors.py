@@ -17,6 +17,9 @@ class PlexusError(Exception):
     """Base class: ``status`` is the gRPC status name the error maps to."""
 
     status = "INTERNAL"
+    recorded = False
+    """Whether the request it ended has been recorded (audit, metrics, logs): the pipeline
+    sets it, so a front that refuses a call records only what the pipeline did not."""
 
 
 class InvalidArgument(PlexusError):
@@ -37,3 +40,7 @@ class Unauthenticated(PlexusError):
 
 class FailedPrecondition(PlexusError):
     status = "FAILED_PRECONDITION"
+
+
+class DeadlineExceeded(PlexusError):
+    status = "DEADLINE_EXCEEDED"

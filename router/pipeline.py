@@ -121,6 +121,8 @@ class RequestState:
     """``OK``, the status of an error that stopped the request, or a streamed error's code."""
     error: BaseException | None = None
     recorded: bool = False
+    admitted: bool = True
+    """False for a call refused before it became a request: no stage ran."""
     started_ns: int = field(default_factory=time.time_ns)
     """Wall-clock nanoseconds (``time.time_ns()``) when the request began: its spans start here."""
     trace: TraceContext = field(default_factory=new_trace)
@@ -268,6 +270,10 @@ class Recorder(Protocol):
 # -- the pipeline ----------------------------------------------------------------------------------
 
 
+UNKNOWN_CALLER = Caller(tenant="(unknown)", key_name="", admin=False, apps=frozenset())
+"""The caller of a call whose API key was missing or unknown (no tenant can have that name)."""
+
+
 def _elapsed_us(started_ns: int) -> int:
     return (time.perf_counter_ns() - started_ns) // 1000
 
@@ -331,6 +337,7 @@ class Pipeline:
         except BaseException as exc:
             if isinstance(exc, PlexusError):
                 outcome = exc.status
+                exc.recorded = True
             elif isinstance(exc, asyncio.CancelledError | GeneratorExit):
                 outcome = "CANCELLED"  # the caller went away
             else:
@@ -341,6 +348,22 @@ class Pipeline:
             raise
         finally:
             await self._record(*states)
+
+    async def refused(
+        self, caller: Caller | None, rpc: str, error: PlexusError, query: RouteQuery | None = None
+    ) -> None:
+        """Record a call refused before it became a request (an unknown key, a malformed
+        message, a deadline already past): every recorder sees it as the end of a request that
+        no stage ran for. ``caller`` is None when the key was not known (no tenant's audit
+        trail then holds it; metrics and logs name the tenant ``(unknown)``)."""
+        if error.recorded:
+            return
+        error.recorded = True
+        state = RequestState(
+            caller or UNKNOWN_CALLER, query or RouteQuery("", ""), rpc=rpc, admitted=False
+        )
+        state.error, state.outcome = error, error.status
+        await self._record(state)
 
     def _decided(self, state: RequestState) -> RouteDecision:
         decision = state.decision

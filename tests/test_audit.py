@@ -245,10 +245,25 @@ def test_over_grpc_the_record_is_there_when_the_response_is(tmp_path, trained_co
                     timeout=10,
                 )
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # refused before the pipeline, by a known caller: audited like any request
+            with pytest.raises(grpc.RpcError) as empty:
+                stub.RouteBatch(pb.RouteBatchRequest(), metadata=meta, timeout=10)
+            assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert requests_of(folder)[-1]["rpc"] == "RouteBatch"
+            raw = channel.unary_unary("/plexus.v1.Router/Orchestrate")
+            with pytest.raises(grpc.RpcError) as malformed:
+                raw(b"\x0a\x02\x12\xff", metadata=meta, timeout=10)
+            assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         running.stop()
-    # a refused key has no tenant: logged, not audited
-    assert "bad-key" not in {r["request_id"] for r in requests_of(folder)}
+    records = requests_of(folder)
+    # a refused key has no tenant: counted and logged, not in a tenant's trail
+    assert "bad-key" not in {r["request_id"] for r in records}
+    refusals = [(r["rpc"], r["outcome"], r["error"], r["key_name"]) for r in records[-2:]]
+    assert refusals == [
+        ("RouteBatch", "INVALID_ARGUMENT", "InvalidArgument", "demo"),
+        ("Orchestrate", "INVALID_ARGUMENT", "InvalidArgument", "demo"),
+    ]
     assert verify(folder, "retail").ok
 
 

@@ -15,6 +15,7 @@ import yaml
 from router._generated.plexus.v1 import plexus_pb2 as pb
 from router._generated.plexus.v1 import plexus_pb2_grpc as pb_grpc
 from router.config import LoadedConfig, parse_config
+from router.observe.audit import read_records, verify
 from router.routing.examples import Examples
 from router.routing.featurizer import FeaturizerParams
 from router.routing.registry import ModelRegistry
@@ -145,6 +146,27 @@ def test_a_worse_model_is_refused_unless_forced_and_rollback_restores(swap_serve
         assert reply.model_version == "v0001"
         active_file = Path(swap_server.server.plexus.loaded.model_dir) / "retail" / "ACTIVE"
         assert active_file.read_text().strip() == "v0001"
+        with pytest.raises(grpc.RpcError) as denied:  # a key without admin rights
+            stub.LoadModel(pb.LoadModelRequest(version="v0003"), metadata=META_DEMO, timeout=60)
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # every change, and every refused attempt, is in the tenant's audit trail, who made it first
+    loaded = swap_server.server.plexus.loaded
+    trail = loaded.resolve(loaded.config.server.audit_dir) / "retail"
+    changes = [r for r in read_records(trail) if r["kind"] == "admin"][-5:]
+    seen = [
+        (r["rpc"], r.get("version"), r.get("active_version"), r["outcome"], r["key_name"])
+        for r in changes
+    ]
+    admin_key, demo_key = changes[0]["key_name"], changes[-1]["key_name"]
+    assert admin_key and demo_key and admin_key != demo_key
+    assert seen == [
+        ("LoadModel", "v0001", "v0001", "OK", admin_key),
+        ("LoadModel", "v0003", None, "FAILED_PRECONDITION", admin_key),
+        ("LoadModel", "v0003", "v0003", "OK", admin_key),
+        ("Rollback", None, "v0001", "OK", admin_key),
+        ("LoadModel", "v0003", None, "PERMISSION_DENIED", demo_key),
+    ]
+    assert verify(trail, "retail").ok
 
 
 def test_unknown_version_is_not_found(swap_server: RunningServer):

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from router.context.ingest import ingest
+from router.observe.audit import read_records
 
 from .conftest import DEMO_KEY, KNOWLEDGE, OPS_ONLY_KEY, RunningServer, context_config
 from .openai_peer import Behaviour, OpenAIPeer
@@ -239,6 +240,15 @@ def test_bad_bodies_are_bounded_and_the_server_keeps_serving(base_url, served, c
         model="storefront", messages=[{"role": "user", "content": "hi"}]
     )
     assert answer.choices[0].message.content
+    # each refusal is in the tenant's audit trail, as a request that no stage ran for
+    loaded = served.server.plexus.loaded
+    trail = loaded.resolve(loaded.config.server.audit_dir) / "retail"
+    records = [r for r in read_records(trail) if r["kind"] == "request"][-6:]
+    assert [(r["rpc"], r["outcome"]) for r in records] == [
+        *[("ChatCompletions", "INVALID_ARGUMENT")] * 4,
+        ("ChatCompletions", "DEADLINE_EXCEEDED"),
+        ("ChatCompletions", "OK"),
+    ]
 
 
 def test_a_traceparent_header_continues_the_callers_trace(client, peer):

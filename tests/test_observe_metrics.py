@@ -339,6 +339,39 @@ def test_refusals_by_stage_and_status(stub: pb_grpc.RouterStub, port: int) -> No
     assert not any("no-such-app" in v for _, ls in after for _, v in ls)
 
 
+def test_calls_refused_before_the_pipeline_are_counted(
+    server: RunningServer, stub: pb_grpc.RouterStub, port: int
+) -> None:
+    before = scrape(port)
+    with pytest.raises(grpc.RpcError) as unknown_key:
+        stub.Route(
+            pb.RouteRequest(app="storefront", text="hello"),
+            metadata=(("x-api-key", "not-a-key"),),
+            timeout=10,
+        )
+    with pytest.raises(grpc.RpcError) as empty:
+        stub.RouteBatch(pb.RouteBatchRequest(), metadata=KEY, timeout=10)
+    with grpc.insecure_channel(server.address) as channel:  # a message no parser accepts
+        raw = channel.unary_unary("/plexus.v1.Router/Route")
+        with pytest.raises(grpc.RpcError) as malformed:
+            raw(b"\x12\x02\xff\xfe", metadata=KEY, timeout=10)
+    after = scrape(port)
+
+    assert unknown_key.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    refused = {"stage": "admission"}
+
+    def refusals(tenant: str, rpc: str, outcome: str) -> float:
+        labels = {**refused, "tenant": tenant, "rpc": rpc, "outcome": outcome}
+        return delta(before, after, "plexus_request_errors_total", **labels)
+
+    # an unknown key has no tenant: counted as (unknown)
+    assert refusals("(unknown)", "Route", "UNAUTHENTICATED") == 1
+    assert refusals("retail", "RouteBatch", "INVALID_ARGUMENT") == 1
+    assert refusals("retail", "Route", "INVALID_ARGUMENT") == 1
+
+
 def test_findings_by_kind_and_action(stub: pb_grpc.RouterStub, port: int) -> None:
     before = scrape(port)
     decision = route(stub, "my card 4111 1111 1111 1111 was charged twice, email jane@example.com")
@@ -467,7 +500,7 @@ def test_label_cardinality_is_bounded_under_a_thousand_users(
     values = label_values(second)
     assert not any(v.startswith(("user-", "req-", "made-up-")) for _, v in values)
     tenants = server.server.plexus.loaded.config.tenants
-    assert {v for k, v in values if k == "tenant"} <= set(tenants)
+    assert {v for k, v in values if k == "tenant"} <= {*tenants, "(unknown)"}
     assert {v for k, v in values if k == "app"} <= {a for t in tenants.values() for a in t.apps} | {
         "(other)"
     }

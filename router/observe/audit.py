@@ -58,6 +58,7 @@ from router.errors import PlexusError
 from router.files import atomic_write, fsync_dir
 
 if TYPE_CHECKING:
+    from router.calls import Caller
     from router.pipeline import RequestState
 
 log = logging.getLogger("plexus.audit")
@@ -880,6 +881,24 @@ class AuditTrail:
         if audit is not None:
             await audit.append(record_fields(state, self.raw_text[tenant]))
 
+    async def record_admin(
+        self, caller: Caller, rpc: str, error: BaseException | None = None, **target: str
+    ) -> None:
+        """Append an Admin call's record (a model load or rollback, a reload) and return once
+        it is durable: who did what to which version or collection, and whether it took."""
+        audit = self.logs.get(caller.tenant)
+        if audit is not None:
+            await audit.append(
+                {
+                    "kind": "admin",
+                    "rpc": rpc,
+                    "key_name": caller.key_name,
+                    **{name: str(value)[:256] for name, value in sorted(target.items())},
+                    "outcome": getattr(error, "status", "INTERNAL") if error else "OK",
+                    "error": type(error).__name__ if error is not None else "",
+                }
+            )
+
     def close(self) -> None:
         for audit in self.logs.values():
             audit.close()
@@ -1063,7 +1082,7 @@ def _shape_error(record: dict[str, Any] | None) -> str | None:
             return f"not a valid record: field {name!r} is missing or not a {kind.__name__}"
     if not isinstance(record.get(_HASH_FIELD), str):
         return "not a valid record: no hash"
-    if record["kind"] not in ("request", "checkpoint"):
+    if record["kind"] not in ("request", "admin", "checkpoint"):
         return f"not a valid record: unknown kind {record['kind']!r}"
     return None
 

@@ -130,10 +130,18 @@ def outgoing_traceparent(trace: TraceContext, tracing: Tracing | None) -> str:
     return f"00-{trace.trace_id}-{trace.generate_span():016x}-{flags}"
 
 
+ADMISSION = "admission"
+"""The stage name of a call refused before it became a request (unknown key, malformed message,
+deadline already past): metrics, spans and logs name it so."""
+
+
 def stopped_stage(state: RequestState, stage_order: Sequence[str]) -> str:
     """The stage that stopped a request that did not end OK: the first of ``stage_order`` (the
     pipeline's stages before generate) without a timing, else ``generate`` for a generation
-    that ended without a final event; empty when every stage ran (a recorder failed, say)."""
+    that ended without a final event; ``admission`` for a call refused before it became a
+    request; empty when every stage ran (a recorder failed, say)."""
+    if not state.admitted:
+        return ADMISSION
     ran = state.timings_us
     for stage in stage_order:
         if stage not in ran:

@@ -39,7 +39,7 @@ from router.backends._aio import closing
 from router.backends.types import Message
 from router.calls import Caller, RouteQuery
 from router.config import LoadedConfig
-from router.errors import InvalidArgument, NotFound, PlexusError
+from router.errors import DeadlineExceeded, InvalidArgument, NotFound, PlexusError
 from router.observe.tracing import TRACEPARENT
 from router.pipeline import DecisionEvent, DeltaEvent, ErrorEvent, FinalEvent, OrchestrateEvent
 from router.plexus import Plexus
@@ -192,23 +192,44 @@ class ChatFront:
         ]
         return web.json_response({"object": "list", "data": data})
 
+    async def _record_refusal(self, caller: Caller | None, error: PlexusError) -> None:
+        """Record a call refused before it became a request (the pipeline's recorders see
+        every call); the caller gets the refusal's own status even if that fails."""
+        try:
+            await self.plexus.pipeline.refused(caller, "ChatCompletions", error)
+        except Exception:  # noqa: BLE001
+            log.exception("recording a refused call failed")
+
+    async def _refused(self, caller: Caller | None, error: PlexusError) -> web.Response:
+        await self._record_refusal(caller, error)
+        return _error(error.status, str(error), getattr(error, "retry_after", None))
+
+    async def _too_large(self, caller: Caller | None) -> web.Response:
+        error = InvalidArgument(f"the body is over {self.max_body} bytes")
+        await self._record_refusal(caller, error)
+        return _too_large_response(self.max_body)
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
         TRACEPARENT.set(request.headers.get("traceparent", ""))  # the caller's trace, if any
+        caller = None
         try:
             caller = self._caller(request)
             if request.content_length is not None and request.content_length > self.max_body:
-                return _too_large(self.max_body)
+                return await self._too_large(caller)
             try:
                 async with asyncio.timeout(self.read_seconds):
                     raw = await request.read()
             except TimeoutError:
+                await self._record_refusal(
+                    caller, DeadlineExceeded("the body was not sent in time")
+                )
                 return web.json_response(
                     {"error": {"message": "the body was not sent in time", "type": "timeout_error",
                                "param": None, "code": "request_timeout"}},
                     status=408,
                 )  # fmt: skip
             except web.HTTPRequestEntityTooLarge:
-                return _too_large(self.max_body)
+                return await self._too_large(caller)
             try:
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError):
@@ -231,9 +252,9 @@ class ChatFront:
             )
             first = await anext(events)  # errors before the stream are statuses
         except PlexusError as exc:
-            return _error(exc.status, str(exc), getattr(exc, "retry_after", None))
+            return await self._refused(caller, exc)
         except web.HTTPRequestEntityTooLarge:
-            return _too_large(self.max_body)
+            return await self._too_large(caller)
         except Exception:
             log.exception("unexpected error")
             return _error("INTERNAL", "internal error; the server logged it")
@@ -407,7 +428,7 @@ def _sse(data: Mapping[str, Any]) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _too_large(limit: int) -> web.Response:
+def _too_large_response(limit: int) -> web.Response:
     return web.json_response(
         {"error": {"message": f"the body is over {limit} bytes", "type": "invalid_request_error",
                    "param": None, "code": "request_too_large"}},

@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
+from contextlib import asynccontextmanager
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -25,7 +26,7 @@ from google.protobuf.message import DecodeError, Message
 from router._generated.plexus.v1 import plexus_pb2 as pb
 from router.calls import Caller
 from router.config import ConfigError
-from router.errors import FailedPrecondition, InvalidArgument, PlexusError
+from router.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, PlexusError
 from router.observe.tracing import TRACEPARENT, traceparent_from_metadata
 from router.pipeline import ErrorEvent
 from router.plexus import Plexus
@@ -82,16 +83,21 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a servicer method (unary, or an async generator for streaming responses).
 
-    The method is called as ``method(self, caller, request, context)``.
+    The method is called as ``method(self, caller, request, context)``. A call refused before
+    its request entered the pipeline (an unknown key, a deadline already past, a malformed
+    message) goes to the servicer's ``refused(caller, rpc, error)``, so that it is recorded.
     """
+    name = "".join(part.title() for part in method.__name__.split("_"))  # route_batch: RouteBatch
 
     async def caller_of(self: Any, context: grpc.aio.ServicerContext) -> Caller:
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before work")
         metadata = context.invocation_metadata()
         TRACEPARENT.set(traceparent_from_metadata(metadata))  # this call's trace, if it has one
         return self.plexus.keys.authenticate(api_key_from_metadata(metadata))
+
+    def check_deadline(context: grpc.aio.ServicerContext) -> None:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded("deadline expired before work")
 
     if inspect.isasyncgenfunction(method):
 
@@ -99,24 +105,31 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
         async def streaming(
             self: Any, request: Any, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[bytes]:
+            caller = None
             try:
                 caller = await caller_of(self, context)
+                check_deadline(context)
                 async for reply in method(self, caller, request, context):
                     yield reply
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+                await self.refused(caller, name, exc)
                 await _abort_for(context, exc)
 
         return streaming
 
     @wraps(method)
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        caller = None
         try:
-            return await method(self, await caller_of(self, context), request, context)
+            caller = await caller_of(self, context)
+            check_deadline(context)
+            return await method(self, caller, request, context)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            await self.refused(caller, name, exc)
             await _abort_for(context, exc)
             raise  # unreachable: abort raises
 
@@ -130,6 +143,15 @@ class RouterServicer:
         self.plexus = plexus
         self.pipeline = plexus.pipeline
         self.max_batch = plexus.config.max_batch
+
+    async def refused(self, caller: Caller | None, rpc: str, error: Exception) -> None:
+        """Record a call refused before the pipeline (its recorders see every request); the
+        caller gets the refusal's own status even if that fails."""
+        if isinstance(error, PlexusError):
+            try:
+                await self.pipeline.refused(caller, rpc, error)
+            except Exception:  # noqa: BLE001
+                log.exception("recording a refused call failed")
 
     @rpc
     async def route(self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -203,6 +225,10 @@ class AdminServicer:
         self.executor = executor
         self.changes = changes
 
+    async def refused(self, caller: Caller | None, rpc: str, error: Exception) -> None:
+        """Admin calls are not requests: the changes they make are audited where they are made
+        (``_audited``), and a call refused before that is only its status."""
+
     async def _announce(
         self, tenant: str, kind: str, version: str = "", collection: str = ""
     ) -> None:
@@ -213,16 +239,35 @@ class AdminServicer:
         """Admin work (loading models, opening indexes) runs in the executor, not the loop."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    @asynccontextmanager
+    async def _audited(
+        self, caller: Caller, rpc: str, **target: str
+    ) -> AsyncIterator[dict[str, str]]:
+        """Record a change the block makes (or fails to make) in the tenant's audit trail,
+        durably, before the caller hears of it; the block may add to ``target``."""
+        audit = self.plexus.audit
+        try:
+            yield target
+        except Exception as exc:
+            if audit is not None:
+                await audit.record_admin(caller, rpc, exc, **target)
+            raise
+        if audit is not None:
+            await audit.record_admin(caller, rpc, **target)
+
     @rpc
     async def reload_collection(
         self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
         request = parse(pb.ReloadCollectionRequest, data)
-        self.plexus.deciders.admin_tenant(caller)
-        collections = self.plexus.collections[caller.tenant]
-        await self._off_loop(collections.reload, request.collection)
+        audited = self._audited(caller, "ReloadCollection", collection=request.collection)
+        async with audited as target:
+            self.plexus.deciders.admin_tenant(caller)
+            collections = self.plexus.collections[caller.tenant]
+            await self._off_loop(collections.reload, request.collection)
+            collection = collections.get(request.collection)
+            target["collection_version"] = collection.version
         await self._announce(caller.tenant, "collection", collection=request.collection)
-        collection = collections.get(request.collection)
         return collection_status_to_proto(collection).SerializeToString()
 
     @rpc
@@ -230,11 +275,12 @@ class AdminServicer:
         self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
         parse(pb.ReloadConfigRequest, data)
-        self.plexus.deciders.admin_tenant(caller)
-        try:
-            await self._off_loop(self.plexus.reload_rules, caller.tenant)
-        except ConfigError as exc:
-            raise FailedPrecondition(f"the configuration was refused: {exc}") from None
+        async with self._audited(caller, "ReloadConfig"):
+            self.plexus.deciders.admin_tenant(caller)
+            try:
+                await self._off_loop(self.plexus.reload_rules, caller.tenant)
+            except ConfigError as exc:
+                raise FailedPrecondition(f"the configuration was refused: {exc}") from None
         await self._announce(caller.tenant, "rules")
         return pb.ReloadConfigResponse(
             tenant=caller.tenant, message="governance and policy rules reloaded"
@@ -273,8 +319,13 @@ class AdminServicer:
         self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
         request = parse(pb.LoadModelRequest, data)
-        tenant = self.plexus.deciders.admin_tenant(caller)
-        status = await self._off_loop(tenant.load_version, request.version or None, request.force)
+        asked = request.version or "(newest)"
+        async with self._audited(caller, "LoadModel", version=asked) as target:
+            tenant = self.plexus.deciders.admin_tenant(caller)
+            status = await self._off_loop(
+                tenant.load_version, request.version or None, request.force
+            )
+            target["active_version"] = status.active_version
         await self._announce(caller.tenant, "model", status.active_version)
         return status_to_proto(status).SerializeToString()
 
@@ -283,8 +334,10 @@ class AdminServicer:
         self, caller: Caller, data: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
         parse(pb.RollbackRequest, data)
-        tenant = self.plexus.deciders.admin_tenant(caller)
-        status = await self._off_loop(tenant.rollback)
+        async with self._audited(caller, "Rollback") as target:
+            tenant = self.plexus.deciders.admin_tenant(caller)
+            status = await self._off_loop(tenant.rollback)
+            target["active_version"] = status.active_version
         await self._announce(caller.tenant, "model", status.active_version)
         return status_to_proto(status).SerializeToString()
 
