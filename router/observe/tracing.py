@@ -204,10 +204,11 @@ class Tracing:
         config = loaded.config.server.tracing
         if config.exporter == "none":
             return None
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        exporter = OTLPSpanExporter(endpoint=config.endpoint or None)
+        from router.observe.otlp import CompactSpanExporter
+
+        exporter = CompactSpanExporter(endpoint=config.endpoint or None)
         return cls(
             BatchSpanProcessor(exporter),
             sample_ratio=config.sample_ratio,
