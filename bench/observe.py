@@ -68,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--grpc-orchestrate", type=common.positive, default=400, help="Orchestrate calls per server"
     )
     parser.add_argument("--processes", type=common.positive, default=2, help="client processes")
+    parser.add_argument(
+        "--rounds", type=common.positive, default=ROUNDS, help="alternating rounds per variant"
+    )
     parser.add_argument("--skip-grpc", action="store_true", help="only the in-process rows")
     common.add_out(parser)
 
@@ -170,7 +173,7 @@ def grpc_rows(space: Any, root: Path, args: argparse.Namespace) -> tuple[list[di
                     watch={"server": child.pid},
                 )
 
-            for _, runs in harness.abba(VARIANTS, [level], requests, ROUNDS, one):
+            for _, runs in harness.abba(VARIANTS, [level], requests, args.rounds, one):
                 for name in VARIANTS:
                     run = harness.combine(runs[name])
                     stats = percentiles_us(run.latency)
@@ -287,9 +290,13 @@ def _timed(fn: Any, calls: int) -> dict[str, float]:
 
 
 async def _measure(loaded: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import (
+        encode_spans as library_encode,
+    )
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     from router.observe.logs import request_fields
+    from router.observe.otlp import encode_spans as compact_encode
     from router.observe.tracing import Tracing
 
     exporter = _Counted()
@@ -316,16 +323,16 @@ async def _measure(loaded: Any, args: argparse.Namespace) -> dict[str, Any]:
             await _run(plexus, caller, "Orchestrate", 40, 4)
         for rpc, total in (("Route", args.requests), ("Orchestrate", args.orchestrate)):
             level = CONCURRENCY[rpc]
-            per_round = max(total // ROUNDS, level)
+            per_round = max(total // args.rounds, level)
             samples: dict[str, list[np.ndarray]] = {name: [] for name in plexi}
             took: dict[str, list[float]] = {name: [] for name in plexi}
-            for round_number in range(ROUNDS * 2):
+            for round_number in range(args.rounds * 2):
                 order = list(plexi) if round_number % 2 == 0 else list(reversed(plexi))
                 for name in order:
                     got, seconds = await _run(plexi[name], caller, rpc, per_round // 2, level)
                     samples[name].append(got)
                     took[name].append(seconds)
-            calls = (per_round // 2) * ROUNDS * 2
+            calls = (per_round // 2) * args.rounds * 2
             for name in plexi:
                 stats = percentiles_us(np.concatenate(samples[name]))
                 rate = calls / sum(took[name])
@@ -350,28 +357,28 @@ async def _measure(loaded: Any, args: argparse.Namespace) -> dict[str, Any]:
         metrics, tracing = traced.metrics, traced.tracing
         direct = []
         for rpc, state in sorted(last.states.items()):
-            spans = len(tracing.spans(state, time.time_ns()))
-            direct.append(
-                {
-                    "rpc": rpc,
-                    "part": "metrics observe",
-                    **_timed(lambda s=state: metrics.observe(s, time.time_ns()), args.calls),
-                }
-            )
-            direct.append(
-                {
-                    "rpc": rpc,
-                    "part": f"tracing: {spans} spans built",
-                    **_timed(lambda s=state: tracing.spans(s, time.time_ns()), args.calls),
-                }
-            )
-            direct.append(
-                {
-                    "rpc": rpc,
-                    "part": "request log fields",
-                    **_timed(lambda s=state: request_fields(s), args.calls),
-                }
-            )
+            built = tracing.spans(state, time.time_ns())
+            parts = [
+                ("observe", "metrics observe", lambda s=state: metrics.observe(s, time.time_ns())),
+                (
+                    "build",
+                    f"tracing: {len(built)} spans built",
+                    lambda s=state: tracing.spans(s, time.time_ns()),
+                ),
+                (
+                    "encode_library",
+                    f"tracing: OTLP encoding of the {len(built)} spans, the library's encoder",
+                    lambda b=built: library_encode(b),
+                ),
+                (
+                    "encode",
+                    f"tracing: OTLP encoding of the {len(built)} spans, Plexus's encoder",
+                    lambda b=built: compact_encode(b),
+                ),
+                ("log", "request log fields", lambda s=state: request_fields(s)),
+            ]
+            for kind, part, fn in parts:
+                direct.append({"rpc": rpc, "kind": kind, "part": part, **_timed(fn, args.calls)})
         result["direct"] = direct
         started = time.perf_counter_ns()
         body, _ = await metrics.exposition()
@@ -397,12 +404,33 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         if not args.skip_grpc:
             say("over gRPC: a server per variant, the client processes, an OTLP collector")
             measured["grpc"], measured["grpc_spans"] = grpc_rows(space, root, args)
+    measured["estimate"] = estimate(measured["direct"], measured.get("grpc", []))
     return {
         "suite": "observe",
         "machine": machine_facts(),
-        "rounds": ROUNDS,
+        "rounds": args.rounds,
         **measured,
     }
+
+
+def estimate(direct: Sequence[dict], grpc: Sequence[dict]) -> list[dict]:
+    """What metrics and traces add to one call, from the parts timed one at a time (p50): the
+    metrics' observe, and per traced request its spans built and OTLP-encoded (Plexus's
+    encoder), against the server CPU of a call with neither (over gRPC), when measured."""
+    rows = []
+    for rpc in sorted({d["rpc"] for d in direct}):
+        parts = {d["kind"]: d["p50"] for d in direct if d["rpc"] == rpc}
+        trace = parts["build"] + parts["encode"]
+        off = next(
+            (g["server_cpu_us"] for g in grpc if g["rpc"] == rpc and g["variant"] == "off"), None
+        )
+        row: dict[str, Any] = {"rpc": rpc, "metrics_us": parts["observe"]}
+        for name, ratio in RATIOS.items():
+            row[name] = parts["observe"] + ratio * trace
+            row[f"{name} share"] = row[name] / off if off else None
+        row["server_cpu_off_us"] = off
+        rows.append(row)
+    return rows
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -443,6 +471,17 @@ def to_markdown(report: dict[str, Any]) -> str:
         report["direct"],
         [("RPC", "rpc"), ("part", "part"), ("p50 µs", num("p50", 1)), ("p99 µs", num("p99", 1))],
     )
+    columns: list[tuple[str, Any]] = [("RPC", "rpc"), ("metrics µs", num("metrics_us", 1))]
+    for name in RATIOS:
+        columns.append((f"{name} µs", num(name, 1)))
+        columns.append(
+            (
+                f"{name}, of a call's server CPU",
+                lambda r, n=name: "-" if r[f"{n} share"] is None else f"{r[f'{n} share']:.1%}",
+            )
+        )
+    columns.append(("server CPU µs/call, off", num("server_cpu_off_us", 0)))
+    estimated = table(report.get("estimate", []), columns)
     exposition = report["exposition"]
     notes = [
         f"{report['rounds']} alternating rounds per RPC and variant; audit off; local backends. "
@@ -465,6 +504,7 @@ def to_markdown(report: dict[str, Any]) -> str:
             *([("Over gRPC", grpc_table)] if report.get("grpc") else []),
             ("In process", throughput),
             ("The recorders, one call at a time", direct),
+            ("What they add to a call, from those parts (p50)", estimated),
         ],
     )
 

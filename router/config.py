@@ -447,10 +447,11 @@ class DriftConfig(_Strict):
         description="the out-of-scope share of the reference: 0 (in-scope rows only) to 1, or "
         "heldout (the held-out set's own share)",
     )
-    two_sample: bool = Field(
-        False,
+    two_sample: bool | Literal["auto"] = Field(
+        "auto",
         description="count the held-out set's own sampling error in every threshold too (wider "
-        "thresholds: for new text from the held-out set's population, and small held-out sets)",
+        "thresholds: for new text from the held-out set's population, and small held-out sets); "
+        "auto: when the held-out set has fewer than five windows' worth of rows",
     )
     false_alarm: DriftRatesConfig = DriftRatesConfig()
     thresholds: DriftThresholdsConfig = DriftThresholdsConfig()

@@ -387,6 +387,18 @@ def _verdict(
     return DriftStatistic(name, value, threshold, value > threshold, detail)
 
 
+TWO_SAMPLE_BELOW = 5
+"""``two_sample: auto`` counts the reference's sampling error when it holds fewer rows than this
+many windows: below that its error adds more than a fifth to a window's variance."""
+
+
+def uses_two_sample(reference: Reference, config: DriftConfig) -> bool:
+    """Whether the thresholds count the reference's own sampling error too."""
+    if config.two_sample == "auto":
+        return reference.effective_rows < TWO_SAMPLE_BELOW * config.window
+    return bool(config.two_sample)
+
+
 def evaluate(reference: Reference, records: Sequence[Record], config: DriftConfig) -> DriftView:
     """Test ``records`` (one window, or the sliding view) against ``reference``."""
     used = [r for r in records if r[0] in reference.apps]
@@ -398,6 +410,7 @@ def evaluate(reference: Reference, records: Sequence[Record], config: DriftConfi
         per_app[app] = per_app.get(app, 0) + 1
     n = reference.effective_rows
     rates, fixed = config.false_alarm, config.thresholds
+    two_sample = uses_two_sample(reference, config)
 
     # abstention: observed rate against the rate the reference expects for this app mix
     observed = sum(1 for r in used if r[3]) / m
@@ -406,7 +419,7 @@ def evaluate(reference: Reference, records: Sequence[Record], config: DriftConfi
         p = (reference.apps[app].abstention * n + 0.5) / (n + 1.0)  # never exactly 0 or 1
         expected += count * p / m
         window_var += count * p * (1.0 - p) / (m * m)
-        if config.two_sample:
+        if two_sample:
             reference_var += (count / m) * p * (1.0 - p) / n
     abstention = _verdict(
         "abstention",
@@ -427,18 +440,18 @@ def evaluate(reference: Reference, records: Sequence[Record], config: DriftConfi
     confidence = _verdict(
         "confidence",
         ks,
-        ks_critical(rates.confidence, m, n if config.two_sample else math.inf),
+        ks_critical(rates.confidence, m, n if two_sample else math.inf),
         fixed.confidence,
         f"median {float(np.median(confidences)):.3f}, reference {ref_median:.3f}",
     )
-    labels = _label_statistic(reference, used, config)
+    labels = _label_statistic(reference, used, config, two_sample)
     tested = (labels, confidence, abstention) if labels else (confidence, abstention)
     note = "" if labels else "labels: too few answered requests to test"
     return DriftView(m, tested, any(s.alarm for s in tested), note)
 
 
 def _label_statistic(
-    reference: Reference, used: Sequence[Record], config: DriftConfig
+    reference: Reference, used: Sequence[Record], config: DriftConfig, two_sample: bool
 ) -> DriftStatistic | None:
     index = reference.label_index
     counts = np.zeros(len(reference.labels))
@@ -466,7 +479,7 @@ def _label_statistic(
     value = jensen_shannon(observed_bins, expected_bins)
     computed = (
         chi2_quantile(len(bins) - 1, 1.0 - config.false_alarm.labels)
-        * (1.0 / answered + (1.0 / reference_rows if config.two_sample else 0.0))
+        * (1.0 / answered + (1.0 / reference_rows if two_sample else 0.0))
         / (8.0 * math.log(2.0))
     )
     shares = counts / answered
