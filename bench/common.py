@@ -67,6 +67,13 @@ def add_client(parser: argparse.ArgumentParser, requests: int) -> None:
     )
     parser.add_argument("--concurrency", type=positive, nargs="+", default=[1, 16, 64])
     parser.add_argument("--processes", type=positive, default=2, help="client processes")
+    parser.add_argument(
+        "--no-audit",
+        dest="audit",
+        action="store_false",
+        help="switch every tenant's audit trail off (it is on by default: a durable record, "
+        "so an fdatasync, before each answer)",
+    )
 
 
 # ----------------------------------------------------------------------------- workspace
@@ -110,13 +117,15 @@ def workspace(
     *,
     backend_url: str | None = None,
     data: bool = False,
+    audit: bool = True,
 ) -> Workspace:
     """A copy of the config living in ``workdir`` with its fast models trained.
 
     ``backend_url``: every backend becomes kind ``openai`` at that URL (model ``instant``,
     default retries and breaker). ``data``: the SQL mirrors are built from ``NAME.sql`` next
     to the config and the ``policies`` (.md/.html/.txt) and ``products`` (.jsonl) collections
-    of the retail tenant are ingested from ``knowledge/``.
+    of the retail tenant are ingested from ``knowledge/``. ``audit``: False switches every
+    tenant's audit trail off.
     """
     original = api.load_config(config_path)
     source_dir = original.base_dir
@@ -129,6 +138,8 @@ def workspace(
     for tenant in raw["tenants"].values():
         model = tenant["model"]
         model["family"], model["version"] = "fast", "active"
+        if not audit:
+            tenant["audit"] = {"enabled": False}
         if model.get("data"):
             model["data"] = str(original.resolve(Path(model["data"])))
         for name, mirror in (tenant.get("sql_mirrors") or {}).items():

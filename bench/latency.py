@@ -130,7 +130,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="plexus-bench-") as tmp:
         try:
-            space = common.workspace(Path(args.config), Path(tmp))
+            space = common.workspace(Path(args.config), Path(tmp), audit=args.audit)
             tenant = space.loaded.config.tenants.get(common.TENANT) or next(
                 iter(space.loaded.config.tenants.values())
             )
@@ -178,6 +178,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             "concurrency": levels,
             "client_processes": args.processes,
             "queries": len(QUERIES),
+            "audit": args.audit,
             "query_words_mean": round(sum(len(q.split()) for q in QUERIES) / len(QUERIES), 1),
             "order": f"per level, {ROUNDS} rounds per server alternating in ABBA order (echo, "
             "plexus, plexus, echo, ...; the next level starts with plexus), each round "
@@ -233,6 +234,13 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"Settings: config `{s['config']}`, app `{s['app']}`, {s['requests_per_level']} requests "
         f"per concurrency level per server, {s['client_processes']} client processes "
         f"({s['client']}), {s['queries']} retail queries of ~{s['query_words_mean']} words.",
+        "Audit trail: "
+        + (
+            "on (the default: each answer waits for its durable record)"
+            if s.get("audit", True)
+            else "off (`--no-audit`)"
+        )
+        + ".",
         f"Order: {s['order']}.",
         f"Model: {models}.",
         "Latency is client-observed (send to reply, µs); req/s is the requests over the timed "

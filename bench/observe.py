@@ -10,15 +10,17 @@ process that counts them, driven by the shared client processes, alternating ABB
 per RPC and server: calls per second, p50 / p99, server CPU time per call, and what each loses
 against the baseline (goal: at most 5%).
 
-In process: one ``Plexus`` per variant, spans through the SDK's batch processor into an
-exporter that only counts them (so without the OTLP encoding); Route at concurrency 16 and
+In process: one ``Plexus`` per variant, its spans through a span batcher over OTLP/gRPC to the
+same kind of collector, as a server's go; Route at concurrency 16 and
 Orchestrate at 8 (tasks on one event loop, each calling one after another), the variants
 alternating over rounds. What a variant loses is the median, over rounds, of its loss against
 the baseline's round beside it (a burst of other work on the machine falls on one round).
 
 Also measured directly, one call at a time on a finished request's state: the metrics
-recorder's ``observe``, the spans built by the tracing recorder, the request-log line's
-fields, and one ``/metrics`` exposition after the run.
+recorder's ``observe``, the tracing recorder's span plans and their OTLP messages (and, for
+comparison, the same spans as SDK spans through the library's OTLP encoder), the request-log
+line's fields, and one ``/metrics`` exposition after the run; and from those parts, what the
+recorders add to one call.
 """
 
 from __future__ import annotations
@@ -214,25 +216,6 @@ def grpc_rows(space: Any, root: Path, args: argparse.Namespace) -> tuple[list[di
     return rows, collector.spans
 
 
-class _Counted:
-    """A span exporter that keeps nothing: it counts what it was handed."""
-
-    def __init__(self) -> None:
-        self.spans = 0
-
-    def export(self, spans: Sequence[Any]) -> Any:
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
-        self.spans += len(spans)
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
-
-
 class _Last:
     """A recorder that keeps the last finished state of each RPC."""
 
@@ -289,29 +272,29 @@ def _timed(fn: Any, calls: int) -> dict[str, float]:
     return percentiles_us(samples)
 
 
-async def _measure(loaded: Any, args: argparse.Namespace) -> dict[str, Any]:
+async def _measure(loaded: Any, args: argparse.Namespace, collector_port: int) -> dict[str, Any]:
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import (
         encode_spans as library_encode,
     )
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
 
     from router.observe.logs import request_fields
-    from router.observe.otlp import encode_spans as compact_encode
+    from router.observe.otlp import CompactSpanExporter, SpanBatcher, add_plans
     from router.observe.tracing import Tracing
 
-    exporter = _Counted()
+    def traced(ratio: float) -> Tracing:  # as a server with ``exporter: otlp`` has it
+        exporter = CompactSpanExporter(endpoint=f"http://127.0.0.1:{collector_port}")
+        return Tracing(SpanBatcher(exporter), sample_ratio=ratio)
+
     last = _Last()
     plexi = {
         "off": api.Plexus(loaded, metrics=False),
         "metrics": api.Plexus(loaded, metrics=True),
-        "metrics+traces 10%": api.Plexus(
-            loaded, metrics=True, tracing=Tracing(BatchSpanProcessor(exporter), sample_ratio=0.1)
-        ),
+        "metrics+traces 10%": api.Plexus(loaded, metrics=True, tracing=traced(0.1)),
         "metrics+traces all": api.Plexus(
-            loaded,
-            metrics=True,
-            tracing=Tracing(BatchSpanProcessor(exporter), sample_ratio=1.0),
-            recorders=[last],
+            loaded, metrics=True, tracing=traced(1.0), recorders=[last]
         ),
     }
     result: dict[str, Any] = {"throughput": []}
@@ -357,23 +340,30 @@ async def _measure(loaded: Any, args: argparse.Namespace) -> dict[str, Any]:
         metrics, tracing = traced.metrics, traced.tracing
         direct = []
         for rpc, state in sorted(last.states.items()):
-            built = tracing.spans(state, time.time_ns())
+            plans = tracing.plans(state, time.time_ns())
+            rendered = tracing.render(state.trace, state.outcome, plans)
+
+            def written(s: Any = state, p: Any = plans) -> None:
+                spans = ExportTraceServiceRequest().resource_spans.add().scope_spans.add().spans
+                add_plans(spans, s.trace, s.outcome, p)
+
             parts = [
                 ("observe", "metrics observe", lambda s=state: metrics.observe(s, time.time_ns())),
                 (
-                    "build",
-                    f"tracing: {len(built)} spans built",
-                    lambda s=state: tracing.spans(s, time.time_ns()),
+                    "plan",
+                    f"tracing: {len(plans)} spans planned",
+                    lambda s=state: tracing.plans(s, time.time_ns()),
+                ),
+                ("encode", f"tracing: the {len(plans)} spans written as OTLP messages", written),
+                (
+                    "render_library",
+                    f"for comparison: the {len(plans)} spans as SDK spans",
+                    lambda s=state, p=plans: tracing.render(s.trace, s.outcome, p),
                 ),
                 (
                     "encode_library",
-                    f"tracing: OTLP encoding of the {len(built)} spans, the library's encoder",
-                    lambda b=built: library_encode(b),
-                ),
-                (
-                    "encode",
-                    f"tracing: OTLP encoding of the {len(built)} spans, Plexus's encoder",
-                    lambda b=built: compact_encode(b),
+                    "for comparison: those SDK spans through the library's OTLP encoder",
+                    lambda r=rendered: library_encode(r),
                 ),
                 ("log", "request log fields", lambda s=state: request_fields(s)),
             ]
@@ -387,8 +377,12 @@ async def _measure(loaded: Any, args: argparse.Namespace) -> dict[str, Any]:
             "bytes": len(body),
             "series": sum(len(f.series) for f in metrics.families),
         }
-        tracing.processor.force_flush()
-        result["spans_exported"] = exporter.spans
+        for plexus in plexi.values():
+            if plexus.tracing is not None:
+                plexus.tracing.processor.force_flush()
+        result["spans_dropped"] = sum(
+            p.tracing.processor.dropped for p in plexi.values() if p.tracing is not None
+        )
     finally:
         for plexus in plexi.values():
             await plexus.aclose()
@@ -400,7 +394,12 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         root = Path(tmp)
         say("training the demo's fast model and ingesting its knowledge")
         space = common.workspace(args.config, root / "workspace", data=True)
-        measured = asyncio.run(_measure(_config(space, root), args))
+        collector = _Collector()
+        try:
+            measured = asyncio.run(_measure(_config(space, root), args, collector.port))
+        finally:
+            collector.stop()
+        measured["spans_exported"] = collector.spans
         if not args.skip_grpc:
             say("over gRPC: a server per variant, the client processes, an OTLP collector")
             measured["grpc"], measured["grpc_spans"] = grpc_rows(space, root, args)
@@ -415,12 +414,12 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
 
 def estimate(direct: Sequence[dict], grpc: Sequence[dict]) -> list[dict]:
     """What metrics and traces add to one call, from the parts timed one at a time (p50): the
-    metrics' observe, and per traced request its spans built and OTLP-encoded (Plexus's
-    encoder), against the server CPU of a call with neither (over gRPC), when measured."""
+    metrics' observe, and per traced request its spans planned and written as OTLP messages,
+    against the server CPU of a call with neither (over gRPC), when measured."""
     rows = []
     for rpc in sorted({d["rpc"] for d in direct}):
         parts = {d["kind"]: d["p50"] for d in direct if d["rpc"] == rpc}
-        trace = parts["build"] + parts["encode"]
+        trace = parts["plan"] + parts["encode"]
         off = next(
             (g["server_cpu_us"] for g in grpc if g["rpc"] == rpc and g["variant"] == "off"), None
         )
@@ -485,11 +484,12 @@ def to_markdown(report: dict[str, Any]) -> str:
     exposition = report["exposition"]
     notes = [
         f"{report['rounds']} alternating rounds per RPC and variant; audit off; local backends. "
-        "Over gRPC the spans go over OTLP/gRPC to a collector that counts them; in process to "
-        "the SDK's batch processor and an exporter that counts them (no OTLP encoding).",
+        "Spans go over OTLP/gRPC to a collector in the benchmark process that counts them, "
+        "from each server's (and each in-process variant's) span batcher.",
         f"One /metrics exposition after the run: {exposition['series']} series, "
         f"{exposition['bytes']:,} bytes, {exposition['ms']:.1f} ms; "
-        f"{report['spans_exported']:,} spans exported in process"
+        f"{report['spans_exported']:,} spans exported in process "
+        f"({report['spans_dropped']:,} dropped)"
         + (
             f", {report['grpc_spans']:,} received by the OTLP collector."
             if "grpc" in report

@@ -8,6 +8,8 @@ import io
 import json
 import logging
 import random
+import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
@@ -26,10 +28,12 @@ from router._generated.plexus.v1 import plexus_pb2 as pb
 from router._generated.plexus.v1 import plexus_pb2_grpc as pb_grpc
 from router.backends.grpc_backend import GrpcBackend
 from router.backends.types import GenerationRequest, Message
+from router.calls import Caller, RouteQuery
 from router.config import BackendConfig, LoadedConfig
 from router.context.ingest import ingest
 from router.errors import NotFound
 from router.observe.logs import JsonFormatter, RequestLog, configure_logging
+from router.observe.otlp import CompactSpanExporter, SpanBatcher
 from router.observe.otlp import encode_spans as compact_encode
 from router.observe.tracing import (
     TRACEPARENT,
@@ -39,6 +43,7 @@ from router.observe.tracing import (
     outgoing_traceparent,
     parse_traceparent,
 )
+from router.pipeline import RequestState
 from router.plexus import Plexus
 from router.server.app import PlexusServer
 
@@ -248,6 +253,122 @@ def test_the_compact_otlp_encoding_is_the_librarys(
     assert compact_encode(spans) == library_encode(spans)
     assert compact_encode(spans[:1]) == library_encode(spans[:1])
     assert compact_encode([]) == library_encode([])
+
+
+class Collector:
+    """A real OTLP/gRPC trace collector that keeps every export request it receives."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as tpb
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as tgrpc
+
+        self.requests: list = []
+        received = self.requests
+
+        class Service(tgrpc.TraceServiceServicer):
+            def Export(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+                received.append(request)
+                return tpb.ExportTraceServiceResponse()
+
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        tgrpc.add_TraceServiceServicer_to_server(Service(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def spans(self) -> list:
+        return [s for r in self.requests for rs in r.resource_spans for ss in rs.scope_spans
+                for s in ss.spans]  # fmt: skip
+
+
+class KeptBatcher(SpanBatcher):
+    """The batcher, keeping what it was given, so the test can render the same plans."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.given: list = []
+
+    def add(self, trace, outcome, plans) -> None:  # type: ignore[no-untyped-def]
+        self.given.append((trace, outcome, plans))
+        super().add(trace, outcome, plans)
+
+
+def test_spans_reach_a_real_collector_as_the_library_would_encode_them(
+    tmp_path_factory: pytest.TempPathFactory, peer: OpenAIPeer
+) -> None:
+    collector = Collector()
+    exporter = CompactSpanExporter(endpoint=f"http://127.0.0.1:{collector.port}", timeout=5)
+    batcher = KeptBatcher(exporter, service_name="plexus-otlp", batch_spans=16)
+    tracing = Tracing(batcher, service_name="plexus-otlp")
+
+    class OtlpServer(RunningServer):
+        async def _build(self, loaded: LoadedConfig) -> PlexusServer:
+            return PlexusServer(loaded, plexus=Plexus(loaded, tracing=tracing))
+
+    def adjust(data: dict) -> None:
+        data["tenants"]["retail"]["backends"]["reasoning-large"] = {
+            "kind": "openai", "url": peer.url, "model": "big-model", "timeout_seconds": 10,
+        }  # fmt: skip
+        for tenant in data["tenants"].values():
+            tenant["audit"] = {"enabled": False}
+
+    loaded = context_config(tmp_path_factory.mktemp("otlp"), adjust)
+    ingest(loaded, "retail", "policies", [KNOWLEDGE / "disputes.txt"])
+    running = OtlpServer(loaded)
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.RouterStub(channel)
+            for i in range(12):
+                stub.Route(pb.RouteRequest(app="storefront", text=f"where is order {i}?"),
+                           metadata=call_metadata(f"00-{TRACE}-{PARENT}-01" if i % 2 else None),
+                           timeout=20)  # fmt: skip
+            peer.behaviour = Behaviour(text="We will refund the duplicate charge.")
+            request = pb.OrchestrateRequest(request=pb.RouteRequest(app="storefront", text=DISPUTE))
+            list(stub.Orchestrate(request, metadata=call_metadata(), timeout=30))
+            with pytest.raises(grpc.RpcError):
+                stub.Route(pb.RouteRequest(app="no-such-app", text="hi"), metadata=call_metadata(),
+                           timeout=20)  # fmt: skip
+        assert batcher.force_flush(20)
+    finally:
+        running.stop()  # shuts the tracing down: nothing more is sent
+        collector.server.stop(0)
+
+    assert batcher.dropped == batcher.failed == 0
+    assert batcher.exported == sum(len(p) for _, _, p in batcher.given)
+    assert len(collector.requests) >= 2  # batches of 16 spans
+    expected = []
+    for trace, outcome, plans in batcher.given:
+        encoded = library_encode(tracing.render(trace, outcome, plans))
+        expected += [s for rs in encoded.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    assert collector.spans() == expected
+    reference = library_encode(tracing.render(*batcher.given[0]))
+    for received in collector.requests:
+        assert received.resource_spans[0].resource == reference.resource_spans[0].resource
+        assert received.resource_spans[0].scope_spans[0].scope == (
+            reference.resource_spans[0].scope_spans[0].scope
+        )
+    kinds = {s.kind for s in collector.spans()}
+    assert len(kinds) == 3 and any(s.status.code == 2 for s in collector.spans())
+
+
+def test_the_batcher_drops_what_it_cannot_hold_and_survives_a_missing_collector() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    exporter = CompactSpanExporter(endpoint=f"http://127.0.0.1:{port}", timeout=1)
+    batcher = SpanBatcher(exporter, batch_spans=4, max_spans=10, delay_seconds=0.05)
+    tracing = Tracing(batcher)
+    state = RequestState(Caller("retail", "demo", False, None), RouteQuery("storefront", "hi"))
+    state.timings_us.update(prep=3, route=5)
+    for _ in range(5):  # 3 spans each: the fourth and fifth do not fit while the first wait
+        batcher.add(state.trace, "OK", tracing.plans(state, time.time_ns()))
+    assert batcher.dropped >= 3
+    assert batcher.force_flush(30)  # the exports fail; the thread goes on
+    batcher.add(state.trace, "OK", tracing.plans(state, time.time_ns()))
+    assert batcher.force_flush(30)
+    batcher.shutdown(30)
+    assert batcher.exported == 0 and batcher.failed + batcher.dropped == 6 * 3
 
 
 _scalar = (

@@ -71,7 +71,9 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             backend = harness.Child("instant backend", "bench.instant_backend", f"{tmp}/port")
             children.append(backend)
             url = f"http://127.0.0.1:{backend.ready()}/v1"
-            space = common.workspace(Path(args.config), workdir, backend_url=url, data=True)
+            space = common.workspace(
+                Path(args.config), workdir, backend_url=url, data=True, audit=args.audit
+            )
             say("starting the plexus server and the client processes")
             plexus = harness.Child("plexus", "bench.harness.serve", "plexus", str(space.config))
             children.append(plexus)
@@ -124,6 +126,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             "app": APP,
             "tenant": common.TENANT,
             "requests_per_level": args.requests,
+            "audit": args.audit,
             "concurrency": levels,
             "client_processes": args.processes,
             "rounds": ROUNDS,
@@ -257,6 +260,13 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"Settings: config `{s['config']}` (tenant `{s['tenant']}`, app `{s['app']}`), "
         f"{s['requests_per_level']} calls per concurrency level per target, "
         f"{s['client_processes']} client processes. Client: {s['client']}.",
+        "Audit trail: "
+        + (
+            "on (the default: each answer waits for its durable record)"
+            if s.get("audit", True)
+            else "off (`--no-audit`)"
+        )
+        + ".",
         f"Order: {s['order']}.",
         f"Backend: {s['backend']}.",
         f"Model: {models}. Collections: {collections}.",

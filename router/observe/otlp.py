@@ -13,12 +13,17 @@ makes and on arbitrary attribute values.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.trace import StatusCode
 
 if TYPE_CHECKING:
     from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
@@ -26,6 +31,19 @@ if TYPE_CHECKING:
     from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans, Span
     from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.trace import SpanContext
+
+    from router.observe.tracing import SpanPlan, TraceContext
+
+log = logging.getLogger("plexus.tracing")
+
+SCOPE_NAME = "plexus.router"
+"""The instrumentation scope of every span Plexus makes."""
+
+
+def span_resource(service_name: str) -> Resource:
+    """The resource every span of this process names: ``service.name`` and the SDK's own."""
+    return Resource.create({"service.name": service_name})
+
 
 _HAS_IS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
 _IS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
@@ -142,9 +160,169 @@ def encode_spans(spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
     return request
 
 
+def add_plans(
+    target: RepeatedCompositeFieldContainer[Span],
+    trace: TraceContext,
+    outcome: str,
+    plans: Sequence[SpanPlan],
+) -> None:
+    """One request's spans, straight from the tracing recorder's plans into ``target``: the
+    messages :func:`encode_spans` makes of the SDK spans rendered from the same plans."""
+    trace_id = int(trace.trace_id, 16).to_bytes(16, "big")
+    for plan in plans:
+        out = target.add(
+            trace_id=trace_id,
+            span_id=plan.span_id.to_bytes(8, "big"),
+            name=plan.name,
+            kind=plan.kind + 1,
+            start_time_unix_nano=plan.start,
+            end_time_unix_nano=plan.end,
+            flags=_HAS_IS_REMOTE | _IS_REMOTE if plan.remote_parent else _HAS_IS_REMOTE,
+        )
+        if plan.parent_id:
+            out.parent_span_id = plan.parent_id.to_bytes(8, "big")
+        _set_attributes(out.attributes, plan.attributes)
+        for name, attributes, time_ns in plan.events:
+            event = out.events.add(name=name, time_unix_nano=time_ns)
+            _set_attributes(event.attributes, attributes)
+        status = out.status
+        if plan.failed:
+            status.code = StatusCode.ERROR.value
+            status.message = outcome
+        else:
+            status.SetInParent()
+
+
 class CompactSpanExporter(OTLPSpanExporter):
     """The OTLP/gRPC span exporter (its channel, retries, timeouts and shutdown), encoding each
-    batch with :func:`encode_spans`."""
+    batch of SDK spans with :func:`encode_spans`, and sending an export request built already
+    (by :class:`SpanBatcher`) as it is."""
 
-    def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
+    def _translate_data(
+        self, data: Sequence[ReadableSpan] | ExportTraceServiceRequest
+    ) -> ExportTraceServiceRequest:
+        if isinstance(data, ExportTraceServiceRequest):
+            return data
         return encode_spans(data)
+
+    def _count_data(self, data: Sequence[ReadableSpan] | ExportTraceServiceRequest) -> int:
+        if isinstance(data, ExportTraceServiceRequest):
+            return sum(len(s.spans) for r in data.resource_spans for s in r.scope_spans)
+        return len(data)
+
+
+class SpanBatcher:
+    """Finished requests' spans, written on the serving thread into the next export request
+    (``add``), and sent by one background thread through ``exporter`` once ``batch_spans`` are
+    waiting or ``delay_seconds`` after the first.
+
+    This is the SDK's batch span processor without its per-span objects: the serving thread
+    writes each span's message where it will be sent (about 6 µs), and the thread that sends
+    does no Python work beyond the gRPC call, so it hardly contends for the GIL. At most
+    ``max_spans`` wait; beyond that, while the collector is slow or away, new spans are dropped
+    and counted (``dropped``), as the SDK's processor does.
+    """
+
+    def __init__(
+        self,
+        exporter: CompactSpanExporter,
+        *,
+        service_name: str = "plexus",
+        batch_spans: int = 512,
+        delay_seconds: float = 2.0,
+        max_spans: int = 8192,
+    ):
+        self.exporter = exporter
+        self.batch_spans = batch_spans
+        self.delay_seconds = delay_seconds
+        self.max_spans = max_spans
+        self.dropped = 0
+        """Spans not queued: ``max_spans`` were waiting already (or the batcher was closing)."""
+        self.exported = 0
+        self.failed = 0
+        """Spans whose export failed (the collector away or refusing), after the retries."""
+        template = ExportTraceServiceRequest()
+        grouped = template.resource_spans.add()
+        _set_attributes(grouped.resource.attributes, span_resource(service_name).attributes)
+        grouped.scope_spans.add().scope.name = SCOPE_NAME
+        self._template = template.SerializeToString()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._flushed = threading.Condition(self._lock)
+        self._closing = False
+        self._sending = 0
+        self._pending, self._spans, self._waiting = self._fresh()
+        self._thread = threading.Thread(target=self._run, name="plexus-spans", daemon=True)
+        self._thread.start()
+
+    def _fresh(self) -> tuple[ExportTraceServiceRequest, Any, int]:
+        request = ExportTraceServiceRequest.FromString(self._template)
+        return request, request.resource_spans[0].scope_spans[0].spans, 0
+
+    def add(self, trace: TraceContext, outcome: str, plans: Sequence[SpanPlan]) -> None:
+        """Queue one request's spans (from any thread; never blocks on the network)."""
+        with self._lock:
+            if self._closing or self._waiting + len(plans) > self.max_spans:
+                self.dropped += len(plans)
+                return
+            add_plans(self._spans, trace, outcome, plans)
+            first = self._waiting == 0
+            self._waiting += len(plans)
+            full = self._waiting >= self.batch_spans
+        if first or full:
+            self._wake.set()
+
+    def _take(self) -> tuple[ExportTraceServiceRequest, int] | None:
+        with self._lock:
+            if not self._waiting:
+                return None
+            request, waiting = self._pending, self._waiting
+            self._pending, self._spans, self._waiting = self._fresh()
+            self._sending += waiting
+            return request, waiting
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()  # spans queued, a full batch, a flush or the end
+            with self._lock:
+                gather = not self._closing and self._waiting < self.batch_spans
+            if gather:  # wait a while for more, unless woken again
+                self._wake.clear()
+                self._wake.wait(self.delay_seconds)
+            self._wake.clear()
+            taken = self._take()
+            if taken is not None:
+                request, count = taken
+                try:
+                    sent = self.exporter.export(request) == SpanExportResult.SUCCESS
+                except Exception:  # noqa: BLE001 - a failed export loses its batch, not the thread
+                    log.exception("exporting %d spans failed", count)
+                    sent = False
+                if sent:
+                    self.exported += count
+                else:  # the exporter logged why, after its own retries
+                    self.failed += count
+            with self._lock:
+                if taken is not None:
+                    self._sending -= taken[1]
+                self._flushed.notify_all()
+                if self._waiting:
+                    self._wake.set()
+                elif self._closing:
+                    return
+
+    def force_flush(self, timeout_seconds: float = 30.0) -> bool:
+        """Send everything queued now; True once it was sent (or failed) within the timeout."""
+        self._wake.set()
+        with self._lock:
+            return self._flushed.wait_for(
+                lambda: not self._waiting and not self._sending, timeout_seconds
+            )
+
+    def shutdown(self, timeout_seconds: float = 30.0) -> None:
+        """Send what is queued, stop the thread, close the exporter."""
+        with self._lock:
+            self._closing = True
+        self._wake.set()
+        self._thread.join(timeout_seconds)
+        self.exporter.shutdown()

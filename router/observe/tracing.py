@@ -2,9 +2,12 @@
 
 Nothing is traced on the request path itself. The pipeline already times every stage in
 order (``RequestState.timings_us``) from a wall-clock start (``RequestState.started_ns``), so
-the :class:`Tracing` recorder rebuilds the spans once the request has ended and hands them to
-an OpenTelemetry span processor (the OTLP exporter's batch processor; in tests, the SDK's
-in-memory exporter). Without an exporter configured there is no recorder and no cost.
+the :class:`Tracing` recorder plans the spans once the request has ended (:class:`SpanPlan`:
+plain values) and either writes them as OTLP messages into the next export request
+(``router.observe.otlp.SpanBatcher``, what ``exporter: otlp`` uses) or renders them as the
+SDK's finished spans for any OpenTelemetry span processor (in tests, the in-memory exporter);
+``tests/test_tracing.py`` proves both give the same OTLP messages. Without an exporter
+configured there is no recorder and no cost.
 
 Trace context is W3C ``traceparent``: the gRPC servicer puts the caller's header into
 :data:`TRACEPARENT`, each request's :class:`TraceContext` continues it (or starts a new trace),
@@ -23,12 +26,13 @@ import time
 from collections.abc import Collection, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
+    from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
     from router.config import LoadedConfig
+    from router.observe.otlp import SpanBatcher
     from router.pipeline import Pipeline, RequestState
 
 TRACEPARENT: ContextVar[str] = ContextVar("plexus_traceparent", default="")
@@ -151,12 +155,35 @@ def stopped_stage(state: RequestState, stage_order: Sequence[str]) -> str:
     return ""
 
 
+SERVER, INTERNAL, CLIENT = 1, 0, 2
+"""The span kinds a plan names, as the SDK's ``SpanKind`` values."""
+
+
+class SpanPlan(NamedTuple):
+    """One span of a finished request, as plain values."""
+
+    name: str
+    span_id: int
+    parent_id: int
+    """0: no parent (a trace that starts here)."""
+    remote_parent: bool
+    kind: int
+    start: int
+    end: int
+    attributes: dict[str, Any]
+    events: Sequence[tuple[str, dict[str, Any], int]]
+    """``(name, attributes, time_ns)``."""
+    failed: bool
+    """The span's status is an error naming the request's outcome."""
+
+
 def _number(value: float) -> float:
     return value if value == value and abs(value) != float("inf") else 0.0
 
 
 class Tracing:
-    """The tracing recorder: a finished request's spans, handed to ``processor``.
+    """The tracing recorder: a finished request's spans, handed to ``processor`` (a
+    :class:`~router.observe.otlp.SpanBatcher`, or any SDK span processor).
 
     ``sample_ratio`` keeps that share of the traces that start here (by trace id, so every
     replica keeps the same ones); a caller's sampled flag decides for the traces it started.
@@ -166,29 +193,31 @@ class Tracing:
 
     def __init__(
         self,
-        processor: SpanProcessor,
+        processor: SpanProcessor | SpanBatcher,
         *,
         sample_ratio: float = 1.0,
         service_name: str = "plexus",
         stage_order: Sequence[str] = (),
         output_guards: Collection[str] = (),
     ):
-        from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import Event, ReadableSpan
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
         from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
         if not 0.0 <= sample_ratio <= 1.0:
             raise ValueError(f"sample_ratio must be within [0, 1], not {sample_ratio}")
+        from router.observe.otlp import SCOPE_NAME, SpanBatcher, span_resource
+
         self.processor = processor
+        self._batcher = processor if isinstance(processor, SpanBatcher) else None
         self.sample_ratio = sample_ratio
         self._bound = round(sample_ratio * (1 << 64))
         self.stage_order = tuple(stage_order)
         self.output_guards = frozenset(output_guards)
-        self._resource = Resource.create({"service.name": service_name})
-        self._scope = InstrumentationScope("plexus.router")
+        self._resource = span_resource(service_name)
+        self._scope = InstrumentationScope(SCOPE_NAME)
         self._sampled = TraceFlags(TraceFlags.SAMPLED)
-        self._kinds = (SpanKind.SERVER, SpanKind.INTERNAL, SpanKind.CLIENT)
+        self._kinds = {k.value: k for k in (SpanKind.SERVER, SpanKind.INTERNAL, SpanKind.CLIENT)}
         self._ok = Status(StatusCode.UNSET)
         self._status = Status
         self._error = StatusCode.ERROR
@@ -204,13 +233,11 @@ class Tracing:
         config = loaded.config.server.tracing
         if config.exporter == "none":
             return None
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-        from router.observe.otlp import CompactSpanExporter
+        from router.observe.otlp import CompactSpanExporter, SpanBatcher
 
         exporter = CompactSpanExporter(endpoint=config.endpoint or None)
         return cls(
-            BatchSpanProcessor(exporter),
+            SpanBatcher(exporter, service_name=config.service_name),
             sample_ratio=config.sample_ratio,
             service_name=config.service_name,
         )
@@ -224,23 +251,17 @@ class Tracing:
     async def record(self, state: RequestState) -> None:
         """Hand the request's spans to the processor (when its trace is sampled)."""
         if self.sampled(state.trace):
-            for span in self.spans(state, time.time_ns()):
-                self.processor.on_end(span)
+            plans = self.plans(state, time.time_ns())
+            if self._batcher is not None:
+                self._batcher.add(state.trace, state.outcome, plans)
+            else:
+                for span in self.render(state.trace, state.outcome, plans):
+                    self.processor.on_end(span)
 
-    def spans(self, state: RequestState, end_ns: int) -> list[ReadableSpan]:
-        """The request's span and its stages' spans, the request's first."""
-        span_type, context_type, event_type = self._span, self._context, self._event
-        resource, scope, ok = self._resource, self._scope, self._ok
+    def plans(self, state: RequestState, end_ns: int) -> list[SpanPlan]:
+        """The request's span and its stages' spans, the request's first, as plain values (the
+        two renderers make SDK spans or OTLP messages of them)."""
         trace = state.trace
-        trace_id = int(trace.trace_id, 16)
-        flags = self._sampled
-        server, internal, client = self._kinds
-        parent = (
-            context_type(trace_id, int(trace.parent_id, 16), True, flags)
-            if trace.parent_id
-            else None
-        )
-        request = context_type(trace_id, trace.request_span(), False, flags)
         start = state.started_ns
         if end_ns < start:
             end_ns = start
@@ -303,27 +324,24 @@ class Tracing:
             attributes["plexus.cost"] = _number(final.cost)
         elif state.chain:
             attributes["plexus.chain"] = list(state.chain)
-        error = self._status(self._error, state.outcome) if failed else ok
 
         findings: dict[str, list[tuple[str, str]]] = {}
         for finding in state.findings:
             findings.setdefault(finding.stage, []).append((finding.kind, finding.action))
 
-        spans = [
-            span_type(
+        request_id = trace.request_span()
+        plans = [
+            SpanPlan(
                 f"plexus.{state.rpc}",
-                request,
-                parent,
-                resource,
-                attributes,
-                (),
-                (),
-                server,
-                None,
-                error,
+                request_id,
+                int(trace.parent_id, 16) if trace.parent_id else 0,
+                bool(trace.parent_id),
+                SERVER,
                 start,
                 end_ns,
-                scope,
+                attributes,
+                (),
+                failed,
             )
         ]
         shared = self._stage_attributes
@@ -339,40 +357,77 @@ class Tracing:
                 stage_attributes = dict(stage_attributes)
                 for detail, micros in details[name].items():
                     stage_attributes[f"plexus.detail_us.{detail}"] = micros
-            events: list[Event] = []
+            events: list[tuple[str, dict[str, Any], int]] = []
             if name in findings:
                 events = [
-                    event_type("finding", {"plexus.kind": k, "plexus.action": a}, timestamp=ended)
+                    ("finding", {"plexus.kind": k, "plexus.action": a}, ended)
                     for k, a in findings[name]
                 ]
-            kind = internal
+            kind = INTERNAL
             if name == "generate":
-                kind = client
+                kind = CLIENT
                 span_id = trace.generate_span()
                 if backend:
                     stage_attributes = {**stage_attributes, "plexus.backend": backend}
                 if state.first_token_ns:
-                    events.append(event_type("first_token", timestamp=state.first_token_ns))
+                    events.append(("first_token", {}, state.first_token_ns))
             else:
                 span_id = _ids.getrandbits(64) or 1
                 if generate_start and name in guards:
                     began, ended = generate_start, generate_start + (ended - began)
                     if ended > end_ns:
                         ended = end_ns
-            spans.append(
-                span_type(
+            plans.append(
+                SpanPlan(
                     name,
-                    context_type(trace_id, span_id, False, flags),
-                    request,
-                    resource,
-                    stage_attributes,
-                    events,
-                    (),
+                    span_id,
+                    request_id,
+                    False,
                     kind,
-                    None,
-                    error if name == stopped else ok,
                     began,
                     ended,
+                    stage_attributes,
+                    events,
+                    name == stopped,
+                )
+            )
+        return plans
+
+    def spans(self, state: RequestState, end_ns: int) -> list[ReadableSpan]:
+        """The request's spans as the SDK's finished spans, the request's first."""
+        return self.render(state.trace, state.outcome, self.plans(state, end_ns))
+
+    def render(
+        self, trace: TraceContext, outcome: str, plans: Sequence[SpanPlan]
+    ) -> list[ReadableSpan]:
+        """SDK spans of ``plans`` (a failed span's status says ``outcome``)."""
+        span_type, context_type, event_type = self._span, self._context, self._event
+        resource, scope, ok = self._resource, self._scope, self._ok
+        trace_id = int(trace.trace_id, 16)
+        flags = self._sampled
+        kinds = self._kinds
+        error = self._status(self._error, outcome)
+        spans = []
+        for plan in plans:
+            parent = (
+                context_type(trace_id, plan.parent_id, plan.remote_parent, flags)
+                if plan.parent_id
+                else None
+            )
+            spans.append(
+                span_type(
+                    plan.name,
+                    context_type(trace_id, plan.span_id, False, flags),
+                    parent,
+                    resource,
+                    plan.attributes,
+                    [event_type(n, a or None, timestamp=t) for n, a, t in plan.events],
+                    (),
+                    kinds[plan.kind],
+                    None,
+                    error if plan.failed else ok,
+                    plan.start,
+                    plan.end,
                     scope,
                 )
             )
