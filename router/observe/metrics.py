@@ -610,6 +610,18 @@ class Metrics:
         yield used
         yield reserved
         yield limit
+        processor = getattr(getattr(self.plexus, "tracing", None), "processor", None)
+        counts = getattr(processor, "counts", None)  # the OTLP span batcher's
+        if callable(counts):
+            spans = CounterMetricFamily(
+                "plexus_trace_spans",
+                "Spans sent to the OTLP collector, failed there (after retries), or dropped "
+                "because the queue was full.",
+                labels=["outcome"],
+            )
+            for outcome, count in counts().items():
+                spans.add_metric([outcome], count)
+            yield spans
         rows = self.drift_rows
         if rows:
             labels = ["tenant", "model_version", "statistic"]

@@ -311,6 +311,10 @@ class SpanBatcher:
                 elif self._closing:
                     return
 
+    def counts(self) -> dict[str, int]:
+        """Spans ``exported``, ``failed`` and ``dropped`` so far."""
+        return {"exported": self.exported, "failed": self.failed, "dropped": self.dropped}
+
     def force_flush(self, timeout_seconds: float = 30.0) -> bool:
         """Send everything queued now; True once it was sent (or failed) within the timeout."""
         self._wake.set()
