@@ -6,12 +6,13 @@ tracing (the baseline); metrics; metrics and traces of 10% of the requests (the 
 
 Over gRPC: one ``plexus`` server process per variant, metrics on ``server.metrics_address``
 (not scraped during the run), spans exported over OTLP/gRPC to a collector in the benchmark
-process that counts them, driven by the shared client processes, alternating ABBA; reported
+process that counts them, driven by the shared client processes, alternating ABBA, the rounds
+split over several sets of fresh server processes (``--server-sets``); reported
 per RPC and server: calls per second, p50 / p99, server CPU time per call, and what each loses
 against the baseline (goal: at most 5%).
 
-In process: one ``Plexus`` per variant, its spans through a span batcher over OTLP/gRPC to the
-same kind of collector, as a server's go; Route at concurrency 16 and
+In process: one ``Plexus`` per variant, its spans written by a span batcher as a server's are,
+to an exporter that counts them instead of sending them; Route at concurrency 16 and
 Orchestrate at 8 (tasks on one event loop, each calling one after another), the variants
 alternating over rounds. What a variant loses is the median, over rounds, of its loss against
 the baseline's round beside it (a burst of other work on the machine falls on one round).
@@ -41,7 +42,7 @@ from bench.harness.adapters import orchestrate_payload, route_payload
 from bench.report import document, machine_facts, num, percentiles_us, publish, say, table
 
 HELP = "Route/Orchestrate throughput with metrics and tracing on vs off; recorder costs"
-ROUNDS = 6
+ROUNDS = 12
 VARIANTS = ("off", "metrics", "metrics+traces 10%", "metrics+traces all")
 RATIOS = {"metrics+traces 10%": 0.1, "metrics+traces all": 1.0}
 """The sample ratio of the variants that trace (10% is the default of ``server.tracing``)."""
@@ -72,6 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processes", type=common.positive, default=2, help="client processes")
     parser.add_argument(
         "--rounds", type=common.positive, default=ROUNDS, help="alternating rounds per variant"
+    )
+    parser.add_argument(
+        "--server-sets",
+        type=common.positive,
+        default=3,
+        help="fresh server processes per variant over gRPC, the rounds split between them",
     )
     parser.add_argument("--skip-grpc", action="store_true", help="only the in-process rows")
     common.add_out(parser)
@@ -130,84 +137,111 @@ def _server_config(space: Any, root: Path, name: str, collector_port: int) -> Pa
 
 def grpc_rows(space: Any, root: Path, args: argparse.Namespace) -> tuple[list[dict], int]:
     """Route and Orchestrate over gRPC against one server per variant; the rows and the spans the
-    collector received."""
+    collector received.
+
+    The rounds are split over ``args.server_sets`` sets of fresh server processes (one per
+    variant each): one process can run a few percent faster or slower than another of the same
+    code for its whole life (where its memory and threads land), which alternating rounds
+    cannot cancel, but several processes per variant average out."""
     collector = _Collector()
     children: list[Any] = []
     pool = None
     rows: list[dict[str, Any]] = []
+    key = common.api_key()
+    plans = (
+        ("Route", "route", [route_payload("storefront", ROUTE_TEXT, {})], args.grpc_requests),
+        (
+            "Orchestrate",
+            "orchestrate",
+            [orchestrate_payload("storefront", TEXT, {})],
+            args.grpc_orchestrate,
+        ),
+    )
+    sets = max(1, min(args.server_sets, args.rounds))
+    collected: dict[str, dict[str, list[Any]]] = {
+        rpc: {n: [] for n in VARIANTS} for rpc, *_ in plans
+    }
     try:
-        servers = {
-            name: harness.Child(
-                name,
-                "bench.harness.serve",
-                "plexus",
-                str(_server_config(space, root, name, collector.port)),
-            )
-            for name in VARIANTS
-        }
-        children = list(servers.values())
         pool = harness.ClientPool(args.processes)
-        for child in children:
-            child.ready()
-        key = common.api_key()
-        plans = (
-            ("Route", "route", [route_payload("storefront", ROUTE_TEXT, {})], args.grpc_requests),
-            (
-                "Orchestrate",
-                "orchestrate",
-                [orchestrate_payload("storefront", TEXT, {})],
-                args.grpc_orchestrate,
-            ),
-        )
-        for rpc, adapter, payloads, requests in plans:
-            level = CONCURRENCY[rpc]
-
-            def one(name: str, level: int, calls: int, adapter=adapter, payloads=payloads) -> Any:  # type: ignore[no-untyped-def]
-                child = servers[name]
-                return pool.run(  # type: ignore[union-attr]
+        for number in range(sets):
+            say(f"server set {number + 1} of {sets}")
+            servers = {
+                name: harness.Child(
                     name,
-                    adapter,
-                    ("127.0.0.1", child.port),
-                    key,
-                    payloads,
-                    level,
-                    calls,
-                    watch={"server": child.pid},
+                    "bench.harness.serve",
+                    "plexus",
+                    str(_server_config(space, root, name, collector.port)),
                 )
+                for name in VARIANTS
+            }
+            children = list(servers.values())
+            for child in children:
+                child.ready()
+            rounds = args.rounds // sets + (1 if number < args.rounds % sets else 0)
+            for rpc, adapter, payloads, requests in plans:
+                level = CONCURRENCY[rpc]
 
-            for _, runs in harness.abba(VARIANTS, [level], requests, args.rounds, one):
-                for name in VARIANTS:
-                    run = harness.combine(runs[name])
-                    stats = percentiles_us(run.latency)
-                    cpu = run.cpu_us_per_call("server")
-                    # round by round against the baseline's round next to it, then the median
-                    lost = _median_percent(
-                        [1 - r.rps / b.rps for r, b in zip(runs[name], runs["off"], strict=True)]
+                def one(
+                    name: str,
+                    level: int,
+                    calls: int,
+                    adapter=adapter,
+                    payloads=payloads,
+                    servers=servers,
+                ) -> Any:  # type: ignore[no-untyped-def]
+                    child = servers[name]
+                    return pool.run(  # type: ignore[union-attr]
+                        name,
+                        adapter,
+                        ("127.0.0.1", child.port),
+                        key,
+                        payloads,
+                        level,
+                        calls,
+                        watch={"server": child.pid},
                     )
-                    cpus = [
-                        (r.cpu_us_per_call("server"), b.cpu_us_per_call("server"))
-                        for r, b in zip(runs[name], runs["off"], strict=True)
-                    ]
-                    added = (
-                        _median_percent([c / o - 1 for c, o in cpus if c and o])
-                        if all(c and o for c, o in cpus)
-                        else None
-                    )
-                    rows.append(
-                        {
-                            "rpc": rpc,
-                            "variant": name,
-                            "concurrency": level,
-                            "calls": run.requests,
-                            "errors": run.failures,
-                            "calls_per_s": run.rps,
-                            "lost_percent": lost,
-                            "p50_us": stats["p50"],
-                            "p99_us": stats["p99"],
-                            "server_cpu_us": cpu,
-                            "cpu_added_percent": added,
-                        }
-                    )
+
+                share = requests * rounds // args.rounds
+                for _, runs in harness.abba(VARIANTS, [level], share, rounds, one):
+                    for name in VARIANTS:
+                        collected[rpc][name] += runs[name]
+            harness.stop_all(children)
+            children = []
+        for rpc, *_ in plans:
+            runs = collected[rpc]
+            level = CONCURRENCY[rpc]
+            for name in VARIANTS:
+                run = harness.combine(runs[name])
+                stats = percentiles_us(run.latency)
+                cpu = run.cpu_us_per_call("server")
+                # round by round against the baseline's round next to it, then the median
+                lost = _median_percent(
+                    [1 - r.rps / b.rps for r, b in zip(runs[name], runs["off"], strict=True)]
+                )
+                cpus = [
+                    (r.cpu_us_per_call("server"), b.cpu_us_per_call("server"))
+                    for r, b in zip(runs[name], runs["off"], strict=True)
+                ]
+                added = (
+                    _median_percent([c / o - 1 for c, o in cpus if c and o])
+                    if all(c and o for c, o in cpus)
+                    else None
+                )
+                rows.append(
+                    {
+                        "rpc": rpc,
+                        "variant": name,
+                        "concurrency": level,
+                        "calls": run.requests,
+                        "errors": run.failures,
+                        "calls_per_s": run.rps,
+                        "lost_percent": lost,
+                        "p50_us": stats["p50"],
+                        "p99_us": stats["p99"],
+                        "server_cpu_us": cpu,
+                        "cpu_added_percent": added,
+                    }
+                )
     finally:
         if pool is not None:
             pool.close()
@@ -272,21 +306,31 @@ def _timed(fn: Any, calls: int) -> dict[str, float]:
     return percentiles_us(samples)
 
 
-async def _measure(loaded: Any, args: argparse.Namespace, collector_port: int) -> dict[str, Any]:
+async def _measure(loaded: Any, args: argparse.Namespace) -> dict[str, Any]:
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import (
         encode_spans as library_encode,
     )
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
         ExportTraceServiceRequest,
     )
+    from opentelemetry.sdk.trace.export import SpanExportResult
 
     from router.observe.logs import request_fields
     from router.observe.otlp import CompactSpanExporter, SpanBatcher, add_plans
     from router.observe.tracing import Tracing
 
+    class Counting(CompactSpanExporter):
+        """Counts what it is handed instead of sending it: in process, a collector's work
+        would be this process's too."""
+
+        spans = 0
+
+        def export(self, data: Any) -> Any:
+            Counting.spans += self._count_data(data)
+            return SpanExportResult.SUCCESS
+
     def traced(ratio: float) -> Tracing:  # as a server with ``exporter: otlp`` has it
-        exporter = CompactSpanExporter(endpoint=f"http://127.0.0.1:{collector_port}")
-        return Tracing(SpanBatcher(exporter), sample_ratio=ratio)
+        return Tracing(SpanBatcher(Counting()), sample_ratio=ratio)
 
     last = _Last()
     plexi = {
@@ -380,6 +424,7 @@ async def _measure(loaded: Any, args: argparse.Namespace, collector_port: int) -
         for plexus in plexi.values():
             if plexus.tracing is not None:
                 plexus.tracing.processor.force_flush()
+        result["spans_exported"] = Counting.spans
         result["spans_dropped"] = sum(
             p.tracing.processor.dropped for p in plexi.values() if p.tracing is not None
         )
@@ -394,12 +439,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         root = Path(tmp)
         say("training the demo's fast model and ingesting its knowledge")
         space = common.workspace(args.config, root / "workspace", data=True)
-        collector = _Collector()
-        try:
-            measured = asyncio.run(_measure(_config(space, root), args, collector.port))
-        finally:
-            collector.stop()
-        measured["spans_exported"] = collector.spans
+        measured = asyncio.run(_measure(_config(space, root), args))
         if not args.skip_grpc:
             say("over gRPC: a server per variant, the client processes, an OTLP collector")
             measured["grpc"], measured["grpc_spans"] = grpc_rows(space, root, args)
@@ -408,6 +448,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         "suite": "observe",
         "machine": machine_facts(),
         "rounds": args.rounds,
+        "server_sets": args.server_sets,
         **measured,
     }
 
@@ -484,8 +525,10 @@ def to_markdown(report: dict[str, Any]) -> str:
     exposition = report["exposition"]
     notes = [
         f"{report['rounds']} alternating rounds per RPC and variant; audit off; local backends. "
-        "Spans go over OTLP/gRPC to a collector in the benchmark process that counts them, "
-        "from each server's (and each in-process variant's) span batcher.",
+        "Over gRPC each server's spans go over OTLP/gRPC to a collector in the benchmark "
+        "process that counts them, and the rounds are split over "
+        f"{report.get('server_sets', 1)} sets of fresh server processes; in process the span "
+        "batcher's exporter counts them without sending.",
         f"One /metrics exposition after the run: {exposition['series']} series, "
         f"{exposition['bytes']:,} bytes, {exposition['ms']:.1f} ms; "
         f"{report['spans_exported']:,} spans exported in process "
