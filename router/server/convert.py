@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from router._generated.plexus.v1 import plexus_pb2 as pb
 from router.calls import RouteDecision, RouteQuery
@@ -40,17 +41,19 @@ def decision_to_proto(decision: RouteDecision) -> pb.RouteDecision:
         confidence=decision.confidence,
         abstained=decision.abstained,
         fallback_used=decision.fallback_used,
-        alternatives=[
-            pb.Alternative(route=a.route, target=a.target, confidence=a.confidence)
-            for a in decision.alternatives
-        ],
         model_version=decision.model_version,
-        timings=_timings(decision.timings_us),
         server_micros=decision.server_us,
         request_id=decision.request_id,
-        route_metadata=decision.route_metadata,
         threshold=decision.threshold,
     )
+    # Nested messages are made in place (``add``): building them apart and passing them in
+    # copies each one, about 10 µs of a Route's 30 µs conversion.
+    add = message.alternatives.add
+    for a in decision.alternatives:
+        add(route=a.route, target=a.target, confidence=a.confidence)
+    _add_timings(message.timings, decision.timings_us)
+    if decision.route_metadata:
+        message.route_metadata.update(decision.route_metadata)
     # Filled only when there is something to say: an empty map still costs ~3 µs to build.
     if decision.extracted:
         message.extracted.update(decision.extracted)
@@ -113,8 +116,10 @@ def findings_to_proto(findings: Sequence[Finding]) -> list[pb.Finding]:
     ]
 
 
-def _timings(timings_us: dict[str, int]) -> list[pb.StageTiming]:
-    return [pb.StageTiming(stage=k, micros=v) for k, v in timings_us.items()]
+def _add_timings(target: Any, timings_us: dict[str, int]) -> None:
+    add = target.add
+    for stage, micros in timings_us.items():
+        add(stage=stage, micros=micros)
 
 
 def piece_to_proto(piece: ContextPiece, placed: PlacedPiece | None = None) -> pb.ContextPiece:
@@ -171,17 +176,18 @@ def packet_from_proto(packet: pb.ContextPacket) -> ContextPacket:
 
 def stitch_to_proto(result: StitchResult) -> pb.StitchResponse:
     assembly = result.assembly
-    return pb.StitchResponse(
+    message = pb.StitchResponse(
         decision=decision_to_proto(result.decision),
         prompt=assembly.prompt,
         pieces=[piece_to_proto(p.piece, p) for p in assembly.placed],
         tokens_used=assembly.tokens_used,
         budget_tokens=assembly.budget_tokens,
-        timings=_timings(result.timings_us),
         packet=packet_to_proto(result.packet),
         duplicates_dropped=assembly.duplicates_dropped,
         over_budget_dropped=assembly.over_budget_dropped,
     )
+    _add_timings(message.timings, result.timings_us)
+    return message
 
 
 def orchestrate_event_to_proto(event: OrchestrateEvent) -> pb.OrchestrateEvent:
@@ -200,23 +206,21 @@ def orchestrate_event_to_proto(event: OrchestrateEvent) -> pb.OrchestrateEvent:
     if isinstance(event, DeltaEvent):
         return pb.OrchestrateEvent(delta=event.text)
     if isinstance(event, FinalEvent):
-        return pb.OrchestrateEvent(
-            final=pb.FinalEvent(
-                usage=pb.Usage(
-                    prompt_tokens=event.usage.prompt_tokens,
-                    completion_tokens=event.usage.completion_tokens,
-                ),
-                cost=event.cost,
-                backend=event.backend,
-                fallbacks_tried=event.fallbacks_tried,
-                attempts=event.attempts,
-                finish_reason=event.finish_reason,
-                timings=_timings(event.timings_us),
-                breakers=event.breakers,
-                findings=findings_to_proto(event.findings),
-                rules_applied=event.rules_applied,
-            )
-        )
+        message = pb.OrchestrateEvent()
+        final = message.final
+        final.usage.prompt_tokens = event.usage.prompt_tokens
+        final.usage.completion_tokens = event.usage.completion_tokens
+        final.cost = event.cost
+        final.backend = event.backend
+        final.fallbacks_tried.extend(event.fallbacks_tried)
+        final.attempts = event.attempts
+        final.finish_reason = event.finish_reason
+        _add_timings(final.timings, event.timings_us)
+        final.breakers.update(event.breakers)
+        if event.findings:
+            final.findings.extend(findings_to_proto(event.findings))
+        final.rules_applied.extend(event.rules_applied)
+        return message
     return pb.OrchestrateEvent(
         error=pb.ErrorEvent(code=event.code, message=event.message, backend=event.backend)
     )

@@ -302,23 +302,26 @@ class ChatFront:
             }
         )
         await response.prepare(request)
-        write = response.write
+        # One write (one send) carries everything ready together: the role chunk goes with the
+        # first delta, and the final chunk, the usage chunk and [DONE] with the end of the body.
+        pending = [_sse(answer.chunk({"role": "assistant", "content": ""}))]
         async with closing(events):
-            await write(_sse(answer.chunk({"role": "assistant", "content": ""})))
             async for event in events:
                 if isinstance(event, DeltaEvent):
-                    await write(_sse(answer.chunk({"content": event.text})))
+                    pending.append(_sse(answer.chunk({"content": event.text})))
+                    await response.write(b"".join(pending))
+                    pending.clear()
                 elif isinstance(event, FinalEvent):
                     answer.final = event
-                    await write(_sse(answer.chunk({}, finish=True)))
+                    pending.append(_sse(answer.chunk({}, finish=True)))
                     if include_usage:
-                        await write(_sse(answer.usage_chunk()))
+                        pending.append(_sse(answer.usage_chunk()))
                 elif isinstance(event, ErrorEvent):
                     status = event.code
                     error = {"message": event.message, "type": "api_error", "code": status.lower()}
-                    await write(_sse({"error": error}))
-            await write(b"data: [DONE]\n\n")
-        await response.write_eof()
+                    pending.append(_sse({"error": error}))
+            pending.append(b"data: [DONE]\n\n")
+        await response.write_eof(b"".join(pending))
         return response
 
 
