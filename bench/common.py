@@ -76,6 +76,13 @@ def add_client(parser: argparse.ArgumentParser, requests: int) -> None:
     )
 
 
+def audit_note(settings: dict[str, Any]) -> str:
+    """The report line saying whether the servers ran with their audit trail."""
+    if settings.get("audit", True):
+        return "Audit trail: on (the default: each answer waits for its durable record)."
+    return "Audit trail: off (`--no-audit`)."
+
+
 # ----------------------------------------------------------------------------- workspace
 
 

@@ -234,13 +234,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"Settings: config `{s['config']}`, app `{s['app']}`, {s['requests_per_level']} requests "
         f"per concurrency level per server, {s['client_processes']} client processes "
         f"({s['client']}), {s['queries']} retail queries of ~{s['query_words_mean']} words.",
-        "Audit trail: "
-        + (
-            "on (the default: each answer waits for its durable record)"
-            if s.get("audit", True)
-            else "off (`--no-audit`)"
-        )
-        + ".",
+        common.audit_note(s),
         f"Order: {s['order']}.",
         f"Model: {models}.",
         "Latency is client-observed (send to reply, µs); req/s is the requests over the timed "

@@ -260,13 +260,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"Settings: config `{s['config']}` (tenant `{s['tenant']}`, app `{s['app']}`), "
         f"{s['requests_per_level']} calls per concurrency level per target, "
         f"{s['client_processes']} client processes. Client: {s['client']}.",
-        "Audit trail: "
-        + (
-            "on (the default: each answer waits for its durable record)"
-            if s.get("audit", True)
-            else "off (`--no-audit`)"
-        )
-        + ".",
+        common.audit_note(s),
         f"Order: {s['order']}.",
         f"Backend: {s['backend']}.",
         f"Model: {models}. Collections: {collections}.",
