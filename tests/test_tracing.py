@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as library_encode
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -33,10 +34,11 @@ from router.config import BackendConfig, LoadedConfig
 from router.context.ingest import ingest
 from router.errors import NotFound
 from router.observe.logs import JsonFormatter, RequestLog, configure_logging
-from router.observe.otlp import CompactSpanExporter, SpanBatcher
-from router.observe.otlp import encode_spans as compact_encode
+from router.observe.otlp import CompactSpanExporter, SpanBatcher, add_plans
 from router.observe.tracing import (
+    CLIENT,
     TRACEPARENT,
+    SpanPlan,
     TraceContext,
     Tracing,
     new_trace,
@@ -238,23 +240,6 @@ def test_a_refused_request_says_which_stage_stopped_it(
     assert children[0].end_time == root.end_time
 
 
-def test_the_compact_otlp_encoding_is_the_librarys(
-    stub: pb_grpc.RouterStub, server: TracedServer
-) -> None:
-    # every span shape the recorder makes: Route, a continued trace, Orchestrate with its
-    # events and client span, a refusal's error statuses (the tests above ran them)
-    stub.Route(
-        pb.RouteRequest(app="storefront", text="hello"), metadata=call_metadata(), timeout=20
-    )
-    spans = server.exporter.get_finished_spans()
-    assert {s.kind for s in spans} == {SpanKind.SERVER, SpanKind.INTERNAL, SpanKind.CLIENT}
-    assert any(s.events for s in spans) and any(s.parent and s.parent.is_remote for s in spans)
-    assert any(s.status.status_code == StatusCode.ERROR for s in spans)
-    assert compact_encode(spans) == library_encode(spans)
-    assert compact_encode(spans[:1]) == library_encode(spans[:1])
-    assert compact_encode([]) == library_encode([])
-
-
 class Collector:
     """A real OTLP/gRPC trace collector that keeps every export request it receives."""
 
@@ -393,37 +378,27 @@ _value = st.recursive(
     description=st.none() | st.text(max_size=20),
     parent=st.none() | st.tuples(st.integers(1, 2**64 - 1), st.booleans()),
 )
-def test_the_compact_otlp_encoding_agrees_on_any_attributes(
+def test_the_otlp_messages_agree_with_the_library_on_any_attributes(
     attributes: dict, event_attributes: dict, description: str | None, parent: tuple | None
 ) -> None:
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import Event
-    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-    from opentelemetry.trace import SpanContext, Status, TraceFlags
-
-    flags = TraceFlags(TraceFlags.SAMPLED)
-    context = SpanContext(2**100 + 7, 2**60 + 3, False, flags)
-    parent_context = (
-        None if parent is None else SpanContext(2**100 + 7, parent[0], parent[1], flags)
-    )
-    resource = Resource.create({"service.name": "plexus", "extra": attributes.get("", "x") or "x"})
-    scope = InstrumentationScope("plexus.router", "1.0")
-    span = ReadableSpan(
+    tracing = Tracing(SimpleSpanProcessor(InMemorySpanExporter()))
+    trace = TraceContext(f"{2**100 + 7:032x}")
+    plan = SpanPlan(
         "stage",
-        context,
-        parent_context,
-        resource,
-        attributes,
-        (Event("finding", event_attributes, timestamp=5),),
-        (),
-        SpanKind.PRODUCER,
-        None,
-        Status(StatusCode.ERROR, description) if description is not None else Status(StatusCode.OK),
+        2**60 + 3,
+        0 if parent is None else parent[0],
+        False if parent is None else parent[1],
+        CLIENT,
         1,
         9,
-        scope,
+        attributes,
+        [("finding", event_attributes, 5)],
+        description is not None,
     )
-    assert compact_encode([span, span]) == library_encode([span, span])
+    written = ExportTraceServiceRequest().resource_spans.add().scope_spans.add().spans
+    add_plans(written, trace, description or "", [plan, plan])
+    encoded = library_encode(tracing.render(trace, description or "", [plan, plan]))
+    assert list(written) == list(encoded.resource_spans[0].scope_spans[0].spans)
 
 
 def test_a_malformed_traceparent_starts_a_new_trace(
