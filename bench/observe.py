@@ -1,27 +1,36 @@
 """What metrics and tracing cost: Route and Orchestrate throughput with them on against off.
 
-Four variants on the same trained workspace (audit off, local backends): neither metrics nor
-tracing (the baseline); metrics; metrics and traces of 10% of the requests (the default
+Five variants on the same trained workspace (audit off, local backends): neither metrics nor
+tracing (the baseline), twice (the second, ``off again``, shows the noise of the method);
+metrics; metrics and traces of 10% of the requests (the default
 ``server.tracing.sample_ratio``); metrics and traces of every request.
 
-Over gRPC: one ``plexus`` server process per variant, metrics on ``server.metrics_address``
-(not scraped during the run), spans exported over OTLP/gRPC to a collector in the benchmark
-process that counts them, driven by the shared client processes, alternating ABBA, the rounds
-split over several sets of fresh server processes (``--server-sets``); reported
-per RPC and server: calls per second, p50 / p99, server CPU time per call, and what each loses
-against the baseline (goal: at most 5%).
+Over gRPC: one ``plexus`` server process with metrics on ``server.metrics_address`` (not
+scraped during the run) and spans exported over OTLP/gRPC to a collector in the benchmark
+process that counts them, whose pipeline calls the variant's recorders only (the benchmark
+switches them between rounds: variants in separate processes differ by a few percent for
+reasons that have nothing to do with them, as an ``off again`` process showed); driven by the
+shared client processes, alternating ABBA, the rounds split over several fresh server
+processes in turn (``--server-sets``); reported per RPC and variant: calls per second, p50 /
+p99, server CPU time per call, and what each loses against the baseline (goal: at most 5%).
+The metrics' HTTP server and the span batcher's thread exist in every variant; unscraped and
+with nothing to send, they cost nothing.
 
-In process: one ``Plexus`` per variant, its spans written by a span batcher as a server's are,
+In process: one ``Plexus`` whose recorders are swapped between rounds (so every variant runs on
+the same objects in the same memory), its spans written by a span batcher as a server's are,
 to an exporter that counts them instead of sending them; Route at concurrency 16 and
 Orchestrate at 8 (tasks on one event loop, each calling one after another), the variants
 alternating over rounds. What a variant loses is the median, over rounds, of its loss against
 the baseline's round beside it (a burst of other work on the machine falls on one round).
 
-Also measured directly, one call at a time on a finished request's state: the metrics
-recorder's ``observe``, the tracing recorder's span plans and their OTLP messages (and, for
-comparison, the same spans as SDK spans through the library's OTLP encoder), the request-log
-line's fields, and one ``/metrics`` exposition after the run; and from those parts, what the
-recorders add to one call.
+The recorders are also timed where they run, among the calls, every request traced: the
+metrics' and the tracing recorder's ``record``; from their means, what they add to one call.
+They are the figures to go by: the same code timed alone on one finished request in a loop
+(which the report shows too) keeps what it touches in the CPU's caches, where among the calls
+the rest of each request has pushed it out. The report also shows the tracing recorder's
+parts (span plans and their OTLP messages; for comparison, the same spans as SDK spans through
+the library's OTLP encoder), the request-log line's fields, and one ``/metrics`` exposition
+after the run.
 """
 
 from __future__ import annotations
@@ -43,7 +52,9 @@ from bench.report import document, machine_facts, num, percentiles_us, publish, 
 
 HELP = "Route/Orchestrate throughput with metrics and tracing on vs off; recorder costs"
 ROUNDS = 12
-VARIANTS = ("off", "metrics", "metrics+traces 10%", "metrics+traces all")
+VARIANTS = ("off", "off again", "metrics", "metrics+traces 10%", "metrics+traces all")
+"""``off again`` is a second baseline, the same as ``off``: what it "loses" against ``off`` is
+the method's own noise, measured in the same run."""
 RATIOS = {"metrics+traces 10%": 0.1, "metrics+traces all": 1.0}
 """The sample ratio of the variants that trace (10% is the default of ``server.tracing``)."""
 TEXT = "you charged my card twice for one order and I want my money back"
@@ -65,10 +76,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--calls", type=common.positive, default=5000, help="direct recorder calls timed"
     )
     parser.add_argument(
-        "--grpc-requests", type=common.positive, default=4000, help="Route calls per server"
+        "--grpc-requests",
+        type=common.positive,
+        default=24000,
+        help="Route calls per variant over gRPC",
     )
     parser.add_argument(
-        "--grpc-orchestrate", type=common.positive, default=400, help="Orchestrate calls per server"
+        "--grpc-orchestrate",
+        type=common.positive,
+        default=2400,
+        help="Orchestrate calls per variant over gRPC",
     )
     parser.add_argument("--processes", type=common.positive, default=2, help="client processes")
     parser.add_argument(
@@ -78,10 +95,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--server-sets",
         type=common.positive,
         default=3,
-        help="fresh server processes per variant over gRPC, the rounds split between them",
+        help="fresh server processes over gRPC, one after another, the rounds split between them",
     )
     parser.add_argument("--skip-grpc", action="store_true", help="only the in-process rows")
     common.add_out(parser)
+
+
+def recorder_sets(
+    pipeline: Any, metrics: Any, tracings: dict[str, Any]
+) -> dict[str, tuple[Any, ...]]:
+    """The pipeline's recorders for each variant: those of every variant (audit, drift, the
+    request log...), with the metrics recorder and the variant's tracing recorder
+    (``tracings``: per traced variant) where the variant has them."""
+    for tracing in tracings.values():
+        tracing.follow(pipeline)
+    others = tuple(r for r in pipeline.recorders if r is not metrics and r not in tracings.values())
+    return {
+        "off": others,
+        "off again": others,
+        "metrics": (*others, metrics),
+        **{name: (*others, metrics, tracing) for name, tracing in tracings.items()},
+    }
+
+
+def variant_switch(plexus: Any, loaded: Any) -> Any:
+    """In a ``plexus-variants`` benchmark server: ``use VARIANT`` -> ``USING VARIANT``, with the
+    pipeline's recorders those of the variant from then on. The server's config has metrics
+    and traces of 10% exported over OTLP; the variant tracing every request gets a recorder
+    of its own that exports to the same collector."""
+    from router.observe.otlp import CompactSpanExporter, SpanBatcher
+    from router.observe.tracing import Tracing
+
+    endpoint = loaded.config.server.tracing.endpoint or None
+    tracings = {
+        "metrics+traces 10%": plexus.tracing,
+        "metrics+traces all": Tracing(
+            SpanBatcher(CompactSpanExporter(endpoint=endpoint)),
+            sample_ratio=RATIOS["metrics+traces all"],
+        ),
+    }
+    sets = recorder_sets(plexus.pipeline, plexus.metrics, tracings)
+
+    def on_line(line: str) -> str:
+        command, _, name = line.partition(" ")
+        if command != "use" or name not in sets:
+            return f"ERROR unknown command {line!r}"
+        plexus.pipeline.recorders = sets[name]
+        return f"USING {name}"
+
+    return on_line
 
 
 class _Collector:
@@ -115,34 +177,31 @@ class _Collector:
         self.server.stop(0)
 
 
-def _server_config(space: Any, root: Path, name: str, collector_port: int) -> Path:
+def _server_config(space: Any, root: Path, collector_port: int) -> Path:
+    """The benchmark server's config: audit off, metrics, traces of 10% to the collector."""
     raw = yaml.safe_load(space.config.read_text(encoding="utf-8"))
     for tenant in raw["tenants"].values():
         tenant["audit"] = {"enabled": False}
     server = raw["server"]
-    server.pop("metrics_address", None)
-    server.pop("tracing", None)
-    if name != "off":
-        server["metrics_address"] = "127.0.0.1:0"
-    if name in RATIOS:
-        server["tracing"] = {
-            "exporter": "otlp",
-            "endpoint": f"http://127.0.0.1:{collector_port}",
-            "sample_ratio": RATIOS[name],
-        }
-    path = root / f"plexus-{name.replace('+', '-').replace(' ', '-').replace('%', '')}.yaml"
+    server["metrics_address"] = "127.0.0.1:0"
+    server["tracing"] = {
+        "exporter": "otlp",
+        "endpoint": f"http://127.0.0.1:{collector_port}",
+        "sample_ratio": RATIOS["metrics+traces 10%"],
+    }
+    path = root / "plexus-observe-server.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return path
 
 
 def grpc_rows(space: Any, root: Path, args: argparse.Namespace) -> tuple[list[dict], int]:
-    """Route and Orchestrate over gRPC against one server per variant; the rows and the spans the
-    collector received.
+    """Route and Orchestrate over gRPC; the rows and the spans the collector received.
 
-    The rounds are split over ``args.server_sets`` sets of fresh server processes (one per
-    variant each): one process can run a few percent faster or slower than another of the same
-    code for its whole life (where its memory and threads land), which alternating rounds
-    cannot cancel, but several processes per variant average out."""
+    Every variant runs in the same server process, which switches its recorders between
+    rounds (``bench.harness.serve plexus-variants``): one process can run a few percent faster
+    or slower than another of the same code for its whole life (where its memory and threads
+    land), which alternating rounds between processes cannot cancel. The rounds are split over
+    ``args.server_sets`` fresh server processes in turn."""
     collector = _Collector()
     children: list[Any] = []
     pool = None
@@ -165,18 +224,14 @@ def grpc_rows(space: Any, root: Path, args: argparse.Namespace) -> tuple[list[di
         pool = harness.ClientPool(args.processes)
         for number in range(sets):
             say(f"server set {number + 1} of {sets}")
-            servers = {
-                name: harness.Child(
-                    name,
-                    "bench.harness.serve",
-                    "plexus",
-                    str(_server_config(space, root, name, collector.port)),
-                )
-                for name in VARIANTS
-            }
-            children = list(servers.values())
-            for child in children:
-                child.ready()
+            server = harness.Child(
+                "plexus",
+                "bench.harness.serve",
+                "plexus-variants",
+                str(_server_config(space, root, collector.port)),
+            )
+            children = [server]
+            server.ready()
             rounds = args.rounds // sets + (1 if number < args.rounds % sets else 0)
             for rpc, adapter, payloads, requests in plans:
                 level = CONCURRENCY[rpc]
@@ -187,20 +242,24 @@ def grpc_rows(space: Any, root: Path, args: argparse.Namespace) -> tuple[list[di
                     calls: int,
                     adapter=adapter,
                     payloads=payloads,
-                    servers=servers,
+                    server=server,
                 ) -> Any:  # type: ignore[no-untyped-def]
-                    child = servers[name]
+                    reply = server.command(f"use {name}")
+                    if reply != f"USING {name}":
+                        raise RuntimeError(f"the server answered {reply!r} to 'use {name}'")
                     return pool.run(  # type: ignore[union-attr]
                         name,
                         adapter,
-                        ("127.0.0.1", child.port),
+                        ("127.0.0.1", server.port),
                         key,
                         payloads,
                         level,
                         calls,
-                        watch={"server": child.pid},
+                        watch={"server": server.pid},
                     )
 
+                for name in VARIANTS:  # warm: the first calls of a fresh process are slower
+                    one(name, level, max(requests // args.rounds // 4, level))
                 share = requests * rounds // args.rounds
                 for _, runs in harness.abba(VARIANTS, [level], share, rounds, one):
                     for name in VARIANTS:
@@ -248,6 +307,19 @@ def grpc_rows(space: Any, root: Path, args: argparse.Namespace) -> tuple[list[di
         harness.stop_all(children)
         collector.stop()
     return rows, collector.spans
+
+
+class _Timed:
+    """A recorder timed: each ``record`` of the recorder it wraps, in nanoseconds."""
+
+    def __init__(self, recorder: Any) -> None:
+        self.recorder = recorder
+        self.samples: list[int] = []
+
+    async def record(self, state: Any) -> None:
+        started = time.perf_counter_ns()
+        await self.recorder.record(state)
+        self.samples.append(time.perf_counter_ns() - started)
 
 
 class _Last:
@@ -332,35 +404,40 @@ async def _measure(loaded: Any, args: argparse.Namespace) -> dict[str, Any]:
     def traced(ratio: float) -> Tracing:  # as a server with ``exporter: otlp`` has it
         return Tracing(SpanBatcher(Counting()), sample_ratio=ratio)
 
+    # One Plexus, its recorders swapped between rounds: every variant runs on the same objects
+    # in the same memory, so that what differs between them is the recorders alone.
+    tracings = {name: traced(ratio) for name, ratio in RATIOS.items()}
+    plexus = api.Plexus(loaded, metrics=True, tracing=tracings["metrics+traces 10%"])
+    pipeline, metrics = plexus.pipeline, plexus.metrics
+    assert metrics is not None
+    sets = recorder_sets(pipeline, metrics, tracings)
+    others = sets["off"]
     last = _Last()
-    plexi = {
-        "off": api.Plexus(loaded, metrics=False),
-        "metrics": api.Plexus(loaded, metrics=True),
-        "metrics+traces 10%": api.Plexus(loaded, metrics=True, tracing=traced(0.1)),
-        "metrics+traces all": api.Plexus(
-            loaded, metrics=True, tracing=traced(1.0), recorders=[last]
-        ),
-    }
+    sets["metrics+traces all"] += (last,)
     result: dict[str, Any] = {"throughput": []}
     try:
-        caller = plexi["off"].keys.authenticate(common.api_key())
-        for plexus in plexi.values():
-            await plexus.warm()
+        caller = plexus.keys.authenticate(common.api_key())
+        await plexus.warm()
+        for recorders in sets.values():
+            pipeline.recorders = recorders
             await _run(plexus, caller, "Route", 300, 8)
             await _run(plexus, caller, "Orchestrate", 40, 4)
         for rpc, total in (("Route", args.requests), ("Orchestrate", args.orchestrate)):
             level = CONCURRENCY[rpc]
             per_round = max(total // args.rounds, level)
-            samples: dict[str, list[np.ndarray]] = {name: [] for name in plexi}
-            took: dict[str, list[float]] = {name: [] for name in plexi}
+            samples: dict[str, list[np.ndarray]] = {name: [] for name in sets}
+            took: dict[str, list[float]] = {name: [] for name in sets}
             for round_number in range(args.rounds * 2):
-                order = list(plexi) if round_number % 2 == 0 else list(reversed(plexi))
+                order = list(sets)
+                if round_number % 2:
+                    order.reverse()
                 for name in order:
-                    got, seconds = await _run(plexi[name], caller, rpc, per_round // 2, level)
+                    pipeline.recorders = sets[name]
+                    got, seconds = await _run(plexus, caller, rpc, per_round // 2, level)
                     samples[name].append(got)
                     took[name].append(seconds)
             calls = (per_round // 2) * args.rounds * 2
-            for name in plexi:
+            for name in sets:
                 stats = percentiles_us(np.concatenate(samples[name]))
                 rate = calls / sum(took[name])
                 # round by round against the baseline's round next to it, then the median
@@ -380,8 +457,15 @@ async def _measure(loaded: Any, args: argparse.Namespace) -> dict[str, Any]:
                     }
                 )
                 say(f"{rpc} {name}: {rate:,.0f} calls/s, p50 {stats['p50']:.0f} µs")
-        traced = plexi["metrics+traces all"]
-        metrics, tracing = traced.metrics, traced.tracing
+            # the recorders timed where they run, among the calls (not one state in a loop)
+            timed = {"metrics": _Timed(metrics), "tracing": _Timed(tracings["metrics+traces all"])}
+            pipeline.recorders = (*others, *timed.values())
+            await _run(plexus, caller, rpc, per_round, level)
+            for kind, recorder in timed.items():
+                result.setdefault("in_loop", []).append(
+                    {"rpc": rpc, "kind": kind, **percentiles_us(np.array(recorder.samples))}
+                )
+        tracing = tracings["metrics+traces all"]
         direct = []
         for rpc, state in sorted(last.states.items()):
             plans = tracing.plans(state, time.time_ns())
@@ -421,16 +505,13 @@ async def _measure(loaded: Any, args: argparse.Namespace) -> dict[str, Any]:
             "bytes": len(body),
             "series": sum(len(f.series) for f in metrics.families),
         }
-        for plexus in plexi.values():
-            if plexus.tracing is not None:
-                plexus.tracing.processor.force_flush()
+        for tracing in tracings.values():
+            tracing.processor.force_flush()
         result["spans_exported"] = Counting.spans
-        result["spans_dropped"] = sum(
-            p.tracing.processor.dropped for p in plexi.values() if p.tracing is not None
-        )
+        result["spans_dropped"] = sum(t.processor.dropped for t in tracings.values())
     finally:
-        for plexus in plexi.values():
-            await plexus.aclose()
+        pipeline.recorders = (*others, metrics, *tracings.values())  # each is closed once
+        await plexus.aclose()
     return result
 
 
@@ -443,7 +524,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         if not args.skip_grpc:
             say("over gRPC: a server per variant, the client processes, an OTLP collector")
             measured["grpc"], measured["grpc_spans"] = grpc_rows(space, root, args)
-    measured["estimate"] = estimate(measured["direct"], measured.get("grpc", []))
+    measured["estimate"] = estimate(measured["in_loop"], measured.get("grpc", []))
     return {
         "suite": "observe",
         "machine": machine_facts(),
@@ -453,20 +534,19 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def estimate(direct: Sequence[dict], grpc: Sequence[dict]) -> list[dict]:
-    """What metrics and traces add to one call, from the parts timed one at a time (p50): the
-    metrics' observe, and per traced request its spans planned and written as OTLP messages,
-    against the server CPU of a call with neither (over gRPC), when measured."""
+def estimate(in_loop: Sequence[dict], grpc: Sequence[dict]) -> list[dict]:
+    """What metrics and traces add to one call, from the recorders timed among the calls (the
+    mean: a cost per call): the metrics' ``record``, and per traced request the tracing
+    recorder's, against the server CPU of a call with neither (over gRPC), when measured."""
     rows = []
-    for rpc in sorted({d["rpc"] for d in direct}):
-        parts = {d["kind"]: d["p50"] for d in direct if d["rpc"] == rpc}
-        trace = parts["plan"] + parts["encode"]
+    for rpc in sorted({d["rpc"] for d in in_loop}):
+        parts = {d["kind"]: d["mean"] for d in in_loop if d["rpc"] == rpc}
         off = next(
             (g["server_cpu_us"] for g in grpc if g["rpc"] == rpc and g["variant"] == "off"), None
         )
-        row: dict[str, Any] = {"rpc": rpc, "metrics_us": parts["observe"]}
+        row: dict[str, Any] = {"rpc": rpc, "metrics_us": parts["metrics"]}
         for name, ratio in RATIOS.items():
-            row[name] = parts["observe"] + ratio * trace
+            row[name] = parts["metrics"] + ratio * parts["tracing"]
             row[f"{name} share"] = row[name] / off if off else None
         row["server_cpu_off_us"] = off
         rows.append(row)
@@ -511,6 +591,16 @@ def to_markdown(report: dict[str, Any]) -> str:
         report["direct"],
         [("RPC", "rpc"), ("part", "part"), ("p50 µs", num("p50", 1)), ("p99 µs", num("p99", 1))],
     )
+    in_loop = table(
+        report["in_loop"],
+        [
+            ("RPC", "rpc"),
+            ("recorder", lambda r: "metrics" if r["kind"] == "metrics" else "tracing, traced"),
+            ("p50 µs", num("p50", 1)),
+            ("p99 µs", num("p99", 1)),
+            ("mean µs", num("mean", 1)),
+        ],
+    )
     columns: list[tuple[str, Any]] = [("RPC", "rpc"), ("metrics µs", num("metrics_us", 1))]
     for name in RATIOS:
         columns.append((f"{name} µs", num(name, 1)))
@@ -525,10 +615,12 @@ def to_markdown(report: dict[str, Any]) -> str:
     exposition = report["exposition"]
     notes = [
         f"{report['rounds']} alternating rounds per RPC and variant; audit off; local backends. "
-        "Over gRPC each server's spans go over OTLP/gRPC to a collector in the benchmark "
-        "process that counts them, and the rounds are split over "
-        f"{report.get('server_sets', 1)} sets of fresh server processes; in process the span "
-        "batcher's exporter counts them without sending.",
+        "Over gRPC one server process runs every variant (its recorders switched between "
+        "rounds), its spans go over OTLP/gRPC to a collector in the benchmark process that "
+        f"counts them, and the rounds are split over {report.get('server_sets', 1)} fresh "
+        "server processes in turn; in process one Plexus runs every variant and the span "
+        "batcher's exporter counts them without sending. `off again` is a second baseline "
+        "like `off`: what it loses or adds is the noise of the method in this run.",
         f"One /metrics exposition after the run: {exposition['series']} series, "
         f"{exposition['bytes']:,} bytes, {exposition['ms']:.1f} ms; "
         f"{report['spans_exported']:,} spans exported in process "
@@ -546,8 +638,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         [
             *([("Over gRPC", grpc_table)] if report.get("grpc") else []),
             ("In process", throughput),
-            ("The recorders, one call at a time", direct),
-            ("What they add to a call, from those parts (p50)", estimated),
+            ("The recorders timed among the calls (in process, every request traced)", in_loop),
+            ("The parts, one call at a time on one finished request", direct),
+            ("What they add to a call, from the recorders timed among the calls (mean)", estimated),
         ],
     )
 

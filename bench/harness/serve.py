@@ -1,6 +1,9 @@
 """A benchmark server child: ``python -m bench.harness.serve {plexus,echo} CONFIG``.
 
 ``plexus`` is the Plexus server as ``plexus serve`` builds it (``PlexusServer(loaded)``).
+``plexus-variants`` is the same server whose recorders the benchmark chooses between rounds
+(``bench.observe``: a line ``use VARIANT`` on stdin, answered ``USING VARIANT``), so that
+variants that differ only in their recorders run in one process.
 ``echo`` is the same-run baseline for Route: a bare grpc.aio server built by the same
 ``new_server(config.server)`` (same options and limits), serving the same method path
 ``/plexus.v1.Router/Route``; it parses the ``RouteRequest`` bytes and answers a small fixed
@@ -21,7 +24,7 @@ from typing import Any
 from bench import api
 from bench.harness.processes import stop_when_parent_exits
 
-KINDS = ("plexus", "echo")
+KINDS = ("plexus", "plexus-variants", "echo")
 
 
 def echo_handlers() -> list[Any]:
@@ -46,9 +49,14 @@ def echo_handlers() -> list[Any]:
 async def serve(kind: str, config_path: Path) -> None:
     loaded = api.load_config(config_path)
     plexus = None
-    if kind == "plexus":
+    on_line = None
+    if kind != "echo":
         plexus = api.PlexusServer(loaded, address="127.0.0.1:0")
         port = await plexus.start()
+        if kind == "plexus-variants":
+            from bench.observe import variant_switch
+
+            on_line = variant_switch(plexus.plexus, loaded)
     else:
         server = api.new_server(loaded.config.server)
         server.add_generic_rpc_handlers(echo_handlers())
@@ -62,7 +70,7 @@ async def serve(kind: str, config_path: Path) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    stop_when_parent_exits(loop, stop)
+    stop_when_parent_exits(loop, stop, on_line)
     await stop.wait()
     if plexus is not None:
         await plexus.stop(grace=0)
@@ -72,5 +80,5 @@ async def serve(kind: str, config_path: Path) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in KINDS:
-        raise SystemExit("usage: python -m bench.harness.serve {plexus,echo} CONFIG")
+        raise SystemExit(f"usage: python -m bench.harness.serve {{{','.join(KINDS)}}} CONFIG")
     asyncio.run(serve(sys.argv[1], Path(sys.argv[2])))
