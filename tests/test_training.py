@@ -211,7 +211,7 @@ def test_the_served_model_is_the_fitted_head():
     """The exported file (int8 rows, temperature folded in) gives softmax of the head's scores."""
     trained = train_model(small_examples(), featurizer_params=PARAMS, seed=0, heldout_fraction=0.4)
     classifier = Classifier(trained.model_bytes, "m")
-    assert classifier.native_head is not None and classifier.native_head.quantized is not None
+    assert classifier.native_head is not None and classifier.native_head.scales is not None
     texts = ["where is my parcel", "refund please", "store closing time", "weather on mars"]
     probs, _ = classifier.predict(classifier.featurizer.featurize_batch(texts))
     reference = Classifier(trained.model_bytes, "o", native_head=False)

@@ -9,3 +9,10 @@ cdef bint linear_head_kernel(const int64_t* ids, Py_ssize_t batch, Py_ssize_t le
                              const int64_t* remap, const float* weights, Py_ssize_t rows,
                              Py_ssize_t classes, const float* bias, int64_t pad_id,
                              float* out, int64_t* bad) noexcept nogil
+
+
+cdef bint scaled_head_kernel(const int64_t* ids, Py_ssize_t batch, Py_ssize_t length,
+                             const int64_t* remap, const signed char* weights,
+                             const float* scales, Py_ssize_t rows, Py_ssize_t classes,
+                             const float* bias, int64_t pad_id, float* out,
+                             int64_t* bad) noexcept nogil

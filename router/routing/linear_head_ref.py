@@ -22,19 +22,38 @@ def _softmax_of_sums(
 
 
 def linear_head_probs(
-    ids: np.ndarray, remap: np.ndarray, weights: np.ndarray, bias: np.ndarray, pad_id: int
+    ids: np.ndarray,
+    remap: np.ndarray,
+    weights: np.ndarray,
+    bias: np.ndarray,
+    pad_id: int,
+    scales: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``softmax(sum_j W[remap[ids[:, j]]] / sqrt(max(1, real ids)) + bias)``, float32 rows."""
+    """``softmax(sum_j W[remap[ids[:, j]]] / sqrt(max(1, real ids)) + bias)``: float32 rows, or
+    int8 rows times their ``scales`` (multiplied out in float32)."""
     _check_ids(ids, pad_id)
+    if scales is not None:
+        weights = weights.astype(np.float32) * np.reshape(scales, (-1, 1))
     summed = weights[remap[ids]].sum(axis=1, dtype=np.float32)
     return _softmax_of_sums(summed, ids, bias, pad_id)
 
 
 class LinearHead:
     """The numpy twin of the native ``LinearHead``: :func:`linear_head_probs` over arrays
-    given once."""
+    given once (int8 ``weights`` with ``scales`` are multiplied out here, in float32)."""
 
-    def __init__(self, remap: np.ndarray, weights: np.ndarray, bias: np.ndarray, pad_id: int):
+    def __init__(
+        self,
+        remap: np.ndarray,
+        weights: np.ndarray,
+        bias: np.ndarray,
+        pad_id: int,
+        scales: np.ndarray | None = None,
+    ):
+        if scales is not None:
+            if len(scales) != len(weights):
+                raise ValueError(f"{len(scales)} scales for {len(weights)} weight rows")
+            weights = weights.astype(np.float32) * np.reshape(scales, (-1, 1))  # once, here
         if len(weights) == 0:
             raise ValueError("the head has no weight rows")
         if len(bias) != weights.shape[1]:

@@ -282,22 +282,21 @@ class NativeLinearHead:
         scales: np.ndarray | None = None,
     ):
         """``weights`` float32 ``[rows, classes]``, or int8 with ``scales`` (float32, one per
-        row): the two graphs ``build_linear_onnx`` writes. int8 rows are multiplied out here
-        into float32 (the products the graph's ``Cast`` and ``Mul`` make), which the kernel
-        sums faster than it converts int8 (7 µs against 9.5 µs per CLINC150 decision)."""
+        row): the two graphs ``build_linear_onnx`` writes. The kernel sums int8 rows as they
+        are, each times its scale (the products the graph's ``Cast`` and ``Mul`` make, so the
+        same sums as the rows multiplied out, bit for bit): as fast, and a quarter of the
+        memory (5 MB instead of 21 MB for the CLINC150 model)."""
         self.remap = np.ascontiguousarray(remap, dtype=np.int64)
-        self.quantized: tuple[np.ndarray, np.ndarray] | None = None
+        self.scales: np.ndarray | None = None
         if scales is None:
             self.weights = np.ascontiguousarray(weights, dtype=np.float32)
         else:
-            q = np.asarray(weights)
-            row_scales = np.ascontiguousarray(np.reshape(scales, -1), dtype=np.float32)
-            if q.dtype != np.int8:
+            self.weights = np.ascontiguousarray(weights)
+            self.scales = np.ascontiguousarray(np.reshape(scales, -1), dtype=np.float32)
+            if self.weights.dtype != np.int8:
                 raise ModelContractError("scaled linear head weights must be int8")
-            if q.ndim != 2 or len(row_scales) != len(q):
+            if self.weights.ndim != 2 or len(self.scales) != len(self.weights):
                 raise ModelContractError("the scales do not match the weight rows")
-            self.quantized = (q, row_scales)
-            self.weights = np.ascontiguousarray(q.astype(np.float32) * row_scales[:, None])
         self.bias = np.ascontiguousarray(bias.reshape(-1), dtype=np.float32)
         self.pad_id = int(pad_id)
         if self.weights.ndim != 2 or len(self.weights) == 0:
@@ -306,7 +305,7 @@ class NativeLinearHead:
             raise ModelContractError("inconsistent linear head tensors")
         if self.remap.min() < 0 or self.remap.max() >= len(self.weights):
             raise ModelContractError("the remap table points outside the weights")
-        self._head = _LinearHead(self.remap, self.weights, self.bias, self.pad_id)
+        self._head = _LinearHead(self.remap, self.weights, self.bias, self.pad_id, self.scales)
 
     @classmethod
     def from_bytes(cls, model_bytes: bytes) -> NativeLinearHead | None:
@@ -338,10 +337,10 @@ class NativeLinearHead:
         head = cls.from_model(onnx.load_from_string(model_bytes))
         arrays: dict[str, np.ndarray] = {"native": np.array(head is not None)}
         if head is not None:
-            weights, scales = head.quantized or (head.weights, None)
+            scales = head.scales
             arrays |= {
                 "remap": head.remap.astype(np.int32 if len(head.weights) < 2**31 else np.int64),
-                "weights": weights,
+                "weights": head.weights,
                 "bias": head.bias,
                 "pad_id": np.array(head.pad_id),
             }
