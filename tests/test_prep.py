@@ -139,3 +139,53 @@ def test_prep_checks(tmp_path) -> None:
     ok = state("store_ops", "  hours of store 1432 ")
     prep.check(ok)
     assert ok.text == "hours of store 1432" and ok.extracted == {"store_id": "1432"}
+
+
+_PIECES = st.sampled_from(
+    [
+        "store",
+        "STORE",
+        "Store #",
+        "order",
+        "ORDER no. ",
+        "sku",
+        "SKU: ",
+        "1432",
+        "88123",
+        "ab-12",
+        " ",
+        "-",
+        "x",
+        "İ",
+        "ß",
+        "ſ",
+        "\u212a",
+        "\u0130store",
+        "the ",
+        "#",
+        ":",
+        "9",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    kind=st.sampled_from(["store_id", "order_number", "sku"]),
+    pieces=st.lists(_PIECES, max_size=12),
+    noise=st.text(max_size=8),
+)
+def test_a_search_from_the_cue_finds_what_a_whole_search_finds(kind: str, pieces, noise: str):
+    """Starting the search at the cue's first place changes no value, whatever the text."""
+    from router.stages.prep import _BUILT_IN
+
+    text = noise + "".join(pieces)
+    whole = Extractor(
+        "whole",
+        _BUILT_IN[kind].search,
+        extractor(kind=kind).value_of,
+        4 if kind == "store_id" else 0,
+    )
+    assert extractor(kind=kind, **({"pad_digits": 4} if kind == "store_id" else {})).extract(
+        text
+    ) == whole.extract(text)

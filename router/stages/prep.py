@@ -112,6 +112,10 @@ _CUES: dict[str, tuple[str, ...]] = {
     "amount": tuple("0123456789"),
     "date": tuple("0123456789"),
 }
+_CUE_STARTS_MATCH = frozenset({"store_id", "order_number", "sku"})
+"""Kinds whose every match begins with its cue: the search can start at the cue's first place
+(``re`` tries every position before it otherwise: 3.3 against 1.3 µs for a store id at the end
+of a 20-word text)."""
 
 
 @dataclass(frozen=True)
@@ -119,10 +123,12 @@ class Extractor:
     """One compiled extractor: ``extract(text) -> value or None``."""
 
     name: str
-    search: Callable[[str], re.Match[str] | None]
+    search: Callable[..., re.Match[str] | None]
     value_of: Callable[[re.Match[str]], str | None]
     pad_digits: int = 0
     cues: tuple[str, ...] = ()
+    cue_starts: bool = False
+    """Every match begins with one of ``cues`` (case-insensitively)."""
 
     @classmethod
     def from_config(cls, config: ExtractorConfig) -> Extractor:
@@ -132,15 +138,27 @@ class Extractor:
         assert config.kind is not None
         value_of = _VALUE_OF.get(config.kind, _first_group)
         search = _BUILT_IN[config.kind].search
-        return cls(config.name, search, value_of, config.pad_digits, _CUES.get(config.kind, ()))
+        return cls(
+            config.name,
+            search,
+            value_of,
+            config.pad_digits,
+            _CUES.get(config.kind, ()),
+            config.kind in _CUE_STARTS_MATCH,
+        )
 
     def extract(self, text: str, folded: str | None = None) -> str | None:
         """The first value in ``text``; ``folded`` is ``text.casefold()`` when the caller has it."""
+        start = 0
         if self.cues:
             folded = text.casefold() if folded is None else folded
-            if not any(cue in folded for cue in self.cues):
+            places = [at for at in map(folded.find, self.cues) if at >= 0]
+            if not places:
                 return None
-        match = self.search(text)
+            # casefold never shortens a character, so equal lengths mean equal places
+            if self.cue_starts and len(folded) == len(text):
+                start = min(places)
+        match = self.search(text, start) if start else self.search(text)
         if match is None:
             return None
         value = self.value_of(match)
