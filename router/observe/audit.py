@@ -446,6 +446,9 @@ class AuditLog:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._chain = _Chain()
         self._fd = -1
+        self._following: tuple[int, str] = (-1, "")
+        """The segment written to, and the path of the one after it (whose existence says
+        another writer rotated)."""
         self._closed = False
         self._broken: BaseException | None = None
         self._retry_at = 0.0
@@ -766,7 +769,13 @@ class AuditLog:
         same folder) may have appended, rotated or died mid-write since this one last wrote."""
         chain = self._chain
         moved = force
-        if chain.segment == 0 or (self.directory / segment_name(chain.segment + 1)).exists():
+        following = self._following
+        if following[0] != chain.segment:  # one path made per segment, not per commit
+            following = self._following = (
+                chain.segment,
+                os.fspath(self.directory / segment_name(chain.segment + 1)),
+            )
+        if chain.segment == 0 or os.path.exists(following[1]):
             found = segments(self.directory)
             if not found:
                 self._open_segment(1, create=True)
