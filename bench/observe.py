@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import tempfile
 import time
 from collections.abc import Sequence
@@ -127,13 +128,12 @@ def variant_switch(plexus: Any, loaded: Any) -> Any:
     from router.observe.tracing import Tracing
 
     endpoint = loaded.config.server.tracing.endpoint or None
-    tracings = {
-        "metrics+traces 10%": plexus.tracing,
-        "metrics+traces all": Tracing(
-            SpanBatcher(CompactSpanExporter(endpoint=endpoint)),
-            sample_ratio=RATIOS["metrics+traces all"],
-        ),
-    }
+    every = Tracing(
+        SpanBatcher(CompactSpanExporter(endpoint=endpoint)),
+        sample_ratio=RATIOS["metrics+traces all"],
+    )
+    atexit.register(every.shutdown)  # its last spans sent, as the server's own tracer's are
+    tracings = {"metrics+traces 10%": plexus.tracing, "metrics+traces all": every}
     sets = recorder_sets(plexus.pipeline, plexus.metrics, tracings)
 
     def on_line(line: str) -> str:
